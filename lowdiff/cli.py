@@ -1,0 +1,218 @@
+"""The ``lowdiff`` command line: models, sample, train, eval (and more as the product grows).
+
+Bad input (unknown config, missing file, out-of-range class label, negative seed) prints one
+line naming the flag or file and exits with status 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _nonnegative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be ≥ 1")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = _nonnegative_int(text)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be < 2^32, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------- models
+def cmd_models(args: argparse.Namespace) -> None:
+    from lowdiff.counting import describe_all
+
+    names = args.names or None
+    table = describe_all(names)
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return
+    print(f"{'config':22} {'params':>12}  stages (resolution: NFE, GFLOP/eval)")
+    for name, info in table.items():
+        stages = ", ".join(f"{s['resolution']}: {s['nfe']}, {s['gflops_per_image']:.3f}" for s in info["stages"])
+        print(f"{name:22} {info['params']:>12,}  {stages}")
+
+
+# ---------------------------------------------------------------- sample
+def _load_model(checkpoint: Path | None, config: str | None = None):  # noqa: ANN202
+    from lowdiff.configs import get_config
+    from lowdiff.model import CheckpointError, LowDiffModel
+
+    try:
+        if config is not None and checkpoint is None:
+            get_config(config)
+            return LowDiffModel.from_config(config)
+        return LowDiffModel.load(checkpoint)
+    except CheckpointError as exc:
+        raise CLIError(f"--checkpoint: {exc}") from None
+    except ValueError as exc:
+        raise CLIError(f"--config: {exc}") from None
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from lowdiff.training import save_png
+
+    model = _load_model(args.checkpoint)
+    seeds = [args.seed + k for k in range(args.num_images)]
+    if any(s >= 2**32 for s in seeds):
+        raise CLIError("--seed: seed + num_images − 1 must stay below 2^32")
+    if model.config.conditional:
+        if args.class_label is None:
+            raise CLIError(f"--class-label: required for {model.config.name} (0…{model.config.num_classes - 1})")
+        if not 0 <= args.class_label < model.config.num_classes:
+            raise CLIError(f"--class-label: {args.class_label} is out of range 0…{model.config.num_classes - 1}")
+        labels = [args.class_label] * len(seeds)
+    else:
+        if args.class_label is not None:
+            raise CLIError(f"--class-label: {model.config.name} is unconditional and takes no class label")
+        labels = None
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    images = model.generate(seeds, labels)
+    prefix = f"class{args.class_label}_" if labels is not None else ""
+    for seed, image in zip(seeds, images):
+        path = args.out_dir / f"{prefix}seed{seed}.png"
+        save_png(image, path)
+        print(path)
+
+
+# ---------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> None:
+    from lowdiff.configs import get_config
+    from lowdiff.data import DataError, holdout_split, load_dataset, prepare_images
+    from lowdiff.training import Trainer, TrainOptions
+
+    try:
+        config = get_config(args.config)
+    except ValueError as exc:
+        raise CLIError(f"--config: {exc}") from None
+    try:
+        images, labels = load_dataset(args.data)
+        train_idx, _ = holdout_split(labels, args.holdout_per_class)
+        x = prepare_images(images[train_idx], config.pad, config.network.img_resolution, config.network.img_channels)
+    except DataError as exc:
+        raise CLIError(f"--data: {exc}") from None
+    y = labels[train_idx] if config.conditional else None
+    if y is not None and int(y.max()) >= config.num_classes:
+        raise CLIError(f"--data: label {int(y.max())} is out of range for {config.name} ({config.num_classes} classes)")
+    options = TrainOptions(
+        batch_size=args.batch_size,
+        total_kimg=args.kimg,
+        lr=args.lr,
+        seed=args.seed,
+        grid_every=args.grid_every,
+        checkpoint_every=args.checkpoint_every,
+        threads=args.threads,
+        ema_halflife_kimg=args.ema_halflife_kimg,
+        lr_rampup_kimg=args.lr_rampup_kimg,
+    )
+    trainer = Trainer(config, options, args.run_dir)
+    if args.resume and trainer.resume():
+        print(f"resumed from {trainer.checkpoint_path} at {trainer.nimg / 1000:.1f} kimg", file=sys.stderr)
+    print(f"training {config.name} on {len(x)} images from {args.data} into {args.run_dir}", file=sys.stderr)
+    trainer.fit(x, y)
+    if args.export:
+        trainer.ema_model().save(args.export)
+        print(f"EMA weights written to {args.export}", file=sys.stderr)
+
+
+def cmd_export_ema(args: argparse.Namespace) -> None:
+    """Write the EMA weights of a training checkpoint as a small inference checkpoint."""
+    from lowdiff.model import CheckpointError, LowDiffModel, read_checkpoint
+
+    try:
+        payload = read_checkpoint(args.checkpoint)
+        model = LowDiffModel.load(args.checkpoint)
+    except CheckpointError as exc:
+        raise CLIError(f"--checkpoint: {exc}") from None
+    model.metadata = dict(payload.get("metadata", {}))
+    model.save(args.out)
+    print(args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowdiff", description="LowDiff: cascaded low-resolution diffusion.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list built-in configs with parameter counts, NFE and GFLOP per stage")
+    p.add_argument("names", nargs="*", help="configs to show (default: all)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("sample", help="generate PNGs with a trained model (default: the embedded model)")
+    p.add_argument("--class-label", type=_nonnegative_int, default=None)
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--num-images", type=_positive_int, default=1)
+    p.add_argument("--checkpoint", type=Path, default=None)
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("train", help="train a config on a dataset (.npz, image folder, CIFAR-10 tarball)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument(
+        "--holdout-per-class",
+        type=_nonnegative_int,
+        default=0,
+        help="hold out the last N images of every class (not trained on)",
+    )
+    p.add_argument("--kimg", type=float, default=200.0, help="training images, thousands")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-rampup-kimg", type=float, default=10.0)
+    p.add_argument("--ema-halflife-kimg", type=float, default=20.0)
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--grid-every", type=_nonnegative_int, default=1000, help="steps between sample grids")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=250, help="steps between checkpoints")
+    p.add_argument("--threads", type=_nonnegative_int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt if present")
+    p.add_argument("--export", type=Path, default=None, help="write the final EMA weights here")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export-ema", help="extract the EMA weights of a training checkpoint")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_export_ema)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except CLIError as exc:
+        print(f"lowdiff {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

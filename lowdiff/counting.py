@@ -1,0 +1,55 @@
+"""Parameter and FLOP counts per config and stage, counted by running the network.
+
+GFLOP per image is one denoiser evaluation of a stage's sub-network at batch 1, counted with
+``torch.utils.flop_counter`` (convolutions, matmuls, attention; 1 MAC = 2 FLOP). Networks are
+built on the ``meta`` device, so even the paper-size configs cost no memory or time to count.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from lowdiff.configs import BUILTIN_CONFIGS, ModelConfig, get_config
+from lowdiff.network import UnifiedUNet
+from lowdiff.precond import Denoiser
+
+
+def build_denoiser(config: ModelConfig, device: str | torch.device = "cpu") -> Denoiser:
+    with torch.device(device):
+        return Denoiser(UnifiedUNet(config.network), kind=config.preconditioning).eval()
+
+
+def stage_gflops(denoiser: Denoiser, config: ModelConfig, resolution: int, device: str = "meta") -> float:
+    c = config.network
+    with torch.device(device):
+        x = torch.zeros(1, c.img_channels, resolution, resolution)
+        sigma = torch.ones(1)
+        labels = torch.zeros(1, dtype=torch.long) if c.label_dim else None
+        conditioned = config.resolutions.index(resolution) > 0
+        cond = torch.zeros_like(x) if conditioned else None
+        sigma_cond = torch.ones(1) if conditioned else None
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        denoiser(x, sigma, labels, resolution, cond, sigma_cond)
+    return counter.get_total_flops() / 1e9
+
+
+def describe(config: ModelConfig) -> dict[str, Any]:
+    denoiser = build_denoiser(config, "meta")
+    params = sum(p.numel() for p in denoiser.parameters())
+    stages = [
+        {
+            "resolution": stage.resolution,
+            "gflops_per_image": round(stage_gflops(denoiser, config, stage.resolution), 6),
+            "nfe": stage.nfe,
+        }
+        for stage in config.schedule.stages
+    ]
+    return {"params": params, "stages": stages}
+
+
+def describe_all(names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    names = names or list(BUILTIN_CONFIGS)
+    return {name: describe(get_config(name)) for name in names}

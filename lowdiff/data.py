@@ -1,0 +1,133 @@
+"""Training and reference data in the formats users have: NumPy archives, image folders, CIFAR-10.
+
+Every loader returns ``(images, labels)``: uint8 [N, C, H, W] and int64 [N]. A missing or
+malformed source raises :class:`DataError` with a message naming the file.
+"""
+
+from __future__ import annotations
+
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+class DataError(ValueError):
+    pass
+
+
+def _to_nchw(images: np.ndarray, source: Path) -> np.ndarray:
+    if images.dtype != np.uint8:
+        raise DataError(f"{source}: images must be uint8, got {images.dtype}")
+    if images.ndim == 3:
+        return images[:, None]
+    if images.ndim == 4:
+        if images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+            return images.transpose(0, 3, 1, 2)
+        return images
+    raise DataError(f"{source}: images must be [N,H,W], [N,H,W,C] or [N,C,H,W], got shape {images.shape}")
+
+
+def load_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        archive = np.load(path)
+    except FileNotFoundError:
+        raise DataError(f"data file not found: {path}") from None
+    except Exception as exc:  # noqa: BLE001 - anything numpy cannot parse is malformed
+        raise DataError(f"{path}: not a readable .npz archive ({exc})") from None
+    with archive:
+        missing = {"images", "labels"} - set(archive.files)
+        if missing:
+            raise DataError(f"{path}: missing array(s) {sorted(missing)}; expected 'images' and 'labels'")
+        images, labels = archive["images"], archive["labels"]
+    if len(images) != len(labels):
+        raise DataError(f"{path}: {len(images)} images but {len(labels)} labels")
+    return torch.from_numpy(_to_nchw(images, path).copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def load_image_folder(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from PIL import Image
+
+    classes = sorted(p for p in path.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{path}: an image folder needs one subfolder per class")
+    images, labels = [], []
+    for label, folder in enumerate(classes):
+        for file in sorted(folder.iterdir()):
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(file) as img:
+                    images.append(np.asarray(img.convert("L" if img.mode in ("L", "1", "P", "I") else "RGB")))
+            except Exception as exc:  # noqa: BLE001
+                raise DataError(f"{file}: not a readable image ({exc})") from None
+            labels.append(label)
+    if not images:
+        raise DataError(f"{path}: no images found in its class subfolders")
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise DataError(f"{path}: images differ in size {sorted(shapes)}; resize them to one size first")
+    return torch.from_numpy(_to_nchw(np.stack(images), path)), torch.tensor(labels, dtype=torch.int64)
+
+
+def load_cifar10_tarball(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CIFAR-10 python tarball (cifar-10-python.tar.gz): the five training batches."""
+    try:
+        tar = tarfile.open(path, "r:*")
+    except (tarfile.TarError, OSError) as exc:
+        raise DataError(f"{path}: not a readable tar archive ({exc})") from None
+    images, labels = [], []
+    with tar:
+        members = sorted(m for m in tar.getnames() if Path(m).name.startswith("data_batch_"))
+        if not members:
+            raise DataError(f"{path}: no data_batch_* files; expected the CIFAR-10 python tarball")
+        for name in members:
+            member = tar.extractfile(name)
+            if member is None:
+                raise DataError(f"{path}: cannot read {name}")
+            batch = pickle.load(member, encoding="bytes")
+            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(batch[b"labels"])
+    return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
+
+
+def load_dataset(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data not found: {path}")
+    if path.is_dir():
+        return load_image_folder(path)
+    if path.suffix == ".npz":
+        return load_npz(path)
+    if path.name.endswith((".tar.gz", ".tgz", ".tar")):
+        return load_cifar10_tarball(path)
+    raise DataError(f"{path}: unknown data format; use .npz, an image folder or the CIFAR-10 python tarball")
+
+
+def holdout_split(labels: torch.Tensor, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, held_out): the last ``per_class`` images of every class are held out."""
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    for c in labels.unique():
+        idx = (labels == c).nonzero().flatten()
+        if per_class > 0:
+            held[idx[-per_class:]] = True
+    return (~held).nonzero().flatten(), held.nonzero().flatten()
+
+
+def prepare_images(images: torch.Tensor, pad: int, resolution: int, channels: int) -> torch.Tensor:
+    """uint8 [N,C,H,W] → float32 in [−1, 1], black-padded by ``pad`` pixels a side."""
+    if images.shape[1] != channels:
+        raise DataError(f"images have {images.shape[1]} channels; the model expects {channels}")
+    x = images.float() / 127.5 - 1
+    if pad:
+        x = F.pad(x, (pad, pad, pad, pad), value=-1.0)
+    if x.shape[-1] != resolution or x.shape[-2] != resolution:
+        raise DataError(
+            f"images are {tuple(x.shape[-2:])} after padding {pad}; the model expects {resolution}×{resolution}"
+        )
+    return x

@@ -1,0 +1,109 @@
+"""The cascaded deterministic Heun sampler (paper Algorithm 2 on EDM's sampler).
+
+It walks a :class:`~lowdiff.schedule.CascadeSchedule` and calls one *stage function* per stage: any
+callable ``fn(x, sigma, class_labels, condition, sigma_cond) -> D(x; σ)``. The PyTorch model, the
+ONNX Runtime engine and every other runtime plug in here, so all executors share this loop.
+
+Determinism: every random draw for image i comes from ``torch.Generator().manual_seed(seed_i)``
+(all stages' starting noise, drawn in stage order), and the solver runs in float64, so an
+image depends only on its (class, seed), not on batch size, position or neighbours.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from lowdiff.schedule import CascadeSchedule, StageSchedule
+
+
+class StageFunction(Protocol):
+    def __call__(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        class_labels: torch.Tensor | None,
+        condition: torch.Tensor | None,
+        sigma_cond: torch.Tensor | None,
+    ) -> torch.Tensor: ...
+
+
+StageCallback = Callable[[int, float], None]  # (resolution, seconds)
+
+
+def initial_noise(seeds: Sequence[int], schedule: CascadeSchedule, channels: int) -> list[torch.Tensor]:
+    """Unit-variance starting noise for every stage, [B, C, r, r] float64, one generator per seed."""
+    per_stage: list[list[torch.Tensor]] = [[] for _ in schedule.stages]
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(int(seed))
+        for k, stage in enumerate(schedule.stages):
+            r = stage.resolution
+            per_stage[k].append(torch.randn(channels, r, r, generator=gen, dtype=torch.float64))
+    return [torch.stack(xs) for xs in per_stage]
+
+
+def upsample_condition(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """The previous stage's truncated output, brought to ``resolution`` (nearest, as in training)."""
+    factor = resolution // x.shape[-1]
+    return F.interpolate(x, scale_factor=float(factor), mode="nearest") if factor > 1 else x
+
+
+def run_stage(
+    stage: StageSchedule,
+    fn: StageFunction,
+    noise: torch.Tensor,
+    class_labels: torch.Tensor | None,
+    condition: torch.Tensor | None,
+    sigma_cond: float | None,
+) -> torch.Tensor:
+    """One stage's Heun/Euler steps from σ_max to its hand-off level (or 0); returns float64 x."""
+    sigmas = stage.sigmas()
+    batch = noise.shape[0]
+    cond_sigma = None if sigma_cond is None else torch.full((batch,), sigma_cond, dtype=torch.float32)
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        s = torch.full((batch,), float(sigma), dtype=torch.float32)
+        return fn(x.float(), s, class_labels, condition, cond_sigma).to(torch.float64)
+
+    x = noise.to(torch.float64) * sigmas[0]
+    for order, t_cur, t_next in zip(stage.step_orders(), sigmas[:-1], sigmas[1:]):
+        d_cur = (x - denoise(x, t_cur)) / t_cur
+        x_next = x + (t_next - t_cur) * d_cur
+        if order == 2:
+            d_next = (x_next - denoise(x_next, t_next)) / t_next
+            x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_next)
+        x = x_next
+    return x
+
+
+def run_cascade(
+    schedule: CascadeSchedule,
+    stage_fns: dict[int, StageFunction],
+    seeds: Sequence[int],
+    class_labels: torch.Tensor | None,
+    channels: int,
+    on_stage: StageCallback | None = None,
+) -> torch.Tensor:
+    """Generate one image per seed; returns float64 [B, C, R, R] in roughly [−1, 1]."""
+    noises = initial_noise(seeds, schedule, channels)
+    condition: torch.Tensor | None = None
+    sigma_cond: float | None = None
+    x = noises[0]
+    for stage, noise in zip(schedule.stages, noises):
+        start = time.perf_counter()
+        cond = None if condition is None else upsample_condition(condition, stage.resolution).float()
+        x = run_stage(stage, stage_fns[stage.resolution], noise, class_labels, cond, sigma_cond)
+        if on_stage is not None:
+            on_stage(stage.resolution, time.perf_counter() - start)
+        if stage.truncated:
+            condition, sigma_cond = x, float(stage.sigmas()[-1])
+    return x
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[−1, 1] images → uint8, EDM's rounding (x·127.5 + 128, clipped)."""
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)

@@ -1,0 +1,241 @@
+"""Training (paper §3.4, Algorithm 1): one denoising loss per resolution, summed.
+
+For the lowest resolution the loss is unconditional. For each higher resolution r the clean image
+is downsampled to the previous resolution, perturbed with independent noise (truncation
+augmentation), upsampled back to r and concatenated to the noisy input. Each resolution's forward
+pass runs only its sub-network, so its loss reaches only the parameters that sub-network uses.
+Single-resolution (EDM baseline) configs train with the same code: one loss, no condition.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+import torch.nn.functional as F
+
+from lowdiff.configs import ModelConfig
+from lowdiff.model import LowDiffModel, atomic_torch_save, config_from_dict, config_to_dict, read_checkpoint
+from lowdiff.precond import Denoiser
+from lowdiff.sampler import upsample_condition
+
+
+@dataclass
+class TrainOptions:
+    batch_size: int = 64
+    total_kimg: float = 200.0  # training images, thousands
+    lr: float = 1e-3
+    lr_rampup_kimg: float = 20.0
+    ema_halflife_kimg: float = 20.0
+    ema_rampup_ratio: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 20
+    checkpoint_every: int = 500  # steps
+    grid_every: int = 1000  # steps; 0 = never
+    threads: int = 0  # 0 = torch's default
+
+
+def downsample(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    factor = x.shape[-1] // resolution
+    return F.avg_pool2d(x, factor) if factor > 1 else x
+
+
+def cascade_loss(
+    denoiser: Denoiser,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    resolutions: tuple[int, ...],
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[int, float]]:
+    """Sum over resolutions of EDM's weighted denoising loss (mean over pixels and batch)."""
+    batch = images.shape[0]
+    total = images.new_zeros(())
+    per_resolution: dict[int, float] = {}
+    for k, res in enumerate(resolutions):
+        target = downsample(images, res)
+        sigma = denoiser.sample_training_sigma(batch, generator)
+        noisy = target + torch.randn(target.shape, generator=generator) * sigma[:, None, None, None]
+        condition = sigma_cond = None
+        if k > 0:
+            low = downsample(images, resolutions[k - 1])
+            sigma_cond = denoiser.sample_training_sigma(batch, generator)
+            low = low + torch.randn(low.shape, generator=generator) * sigma_cond[:, None, None, None]
+            condition = upsample_condition(low, res)
+        denoised = denoiser(noisy, sigma, labels, res, condition, sigma_cond)
+        weight = denoiser.loss_weight(sigma)[:, None, None, None]
+        loss = (weight * (denoised - target) ** 2).mean()
+        per_resolution[res] = float(loss.detach())
+        total = total + loss
+    return total, per_resolution
+
+
+def sample_grid(model: LowDiffModel, rows: int = 10, cols: int = 10, seed0: int = 0) -> torch.Tensor:
+    """A uint8 grid [C, rows·R, cols·R]: one row per class (or just seeds for unconditional models)."""
+    seeds = [seed0 + i for i in range(rows * cols)]
+    labels = [i // cols % max(model.config.num_classes, 1) for i in range(rows * cols)]
+    images = model.generate(seeds, labels if model.config.conditional else None)
+    return tile(images, rows, cols)
+
+
+def tile(images: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    b, c, h, w = images.shape
+    if b < rows * cols:
+        images = torch.cat([images, images.new_zeros(rows * cols - b, c, h, w)])
+    return images.reshape(rows, cols, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, cols * w)
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    """uint8 [C, H, W] → PNG."""
+    from PIL import Image
+
+    array = image.permute(1, 2, 0).numpy()
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
+
+
+class Trainer:
+    """Owns the network, its EMA, the optimizer and the run directory; resumable."""
+
+    def __init__(self, config: ModelConfig, options: TrainOptions, run_dir: Path):
+        self.config = config
+        self.options = options
+        self.run_dir = run_dir
+        torch.manual_seed(options.seed)
+        self.model = LowDiffModel(config)
+        self.denoiser = self.model.denoiser
+        self.ema = copy.deepcopy(self.denoiser.net).eval().requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.denoiser.parameters(), lr=options.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.step = 0
+        self.nimg = 0
+        self.skipped_steps = 0
+        self.wall_seconds = 0.0
+        self.generator = torch.Generator().manual_seed(options.seed)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoint.pt"
+
+    def save(self) -> None:
+        atomic_torch_save(
+            {
+                "format": "lowdiff-checkpoint-v1",
+                "config": config_to_dict(self.config),
+                "state_dict": self.denoiser.net.state_dict(),
+                "ema_state_dict": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "metadata": self.metadata(),
+                "train_state": {
+                    "step": self.step,
+                    "nimg": self.nimg,
+                    "skipped_steps": self.skipped_steps,
+                    "wall_seconds": self.wall_seconds,
+                    "generator": self.generator.get_state(),
+                    "options": asdict(self.options),
+                },
+            },
+            self.checkpoint_path,
+        )
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "config": self.config.name,
+            "step": self.step,
+            "training_images": self.nimg,
+            "wall_seconds": round(self.wall_seconds, 1),
+            "batch_size": self.options.batch_size,
+            "lr": self.options.lr,
+            "ema_halflife_kimg": self.options.ema_halflife_kimg,
+        }
+
+    def resume(self) -> bool:
+        if not self.checkpoint_path.exists():
+            return False
+        payload = read_checkpoint(self.checkpoint_path)
+        if config_from_dict(payload["config"]).network != self.config.network:
+            raise ValueError(f"{self.checkpoint_path}: it was trained with another network config")
+        self.denoiser.net.load_state_dict(payload["state_dict"])
+        self.ema.load_state_dict(payload["ema_state_dict"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        state = payload["train_state"]
+        self.step, self.nimg = state["step"], state["nimg"]
+        self.skipped_steps, self.wall_seconds = state["skipped_steps"], state["wall_seconds"]
+        self.generator.set_state(state["generator"])
+        return True
+
+    def ema_model(self) -> LowDiffModel:
+        model = LowDiffModel(self.config)
+        model.denoiser.net.load_state_dict(self.ema.state_dict())
+        model.metadata = self.metadata()
+        return model
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor | None) -> dict[int, float] | None:
+        """One optimizer step; returns per-resolution losses, or None if the step was skipped (non-finite)."""
+        opts = self.options
+        self.denoiser.train()
+        loss, per_res = cascade_loss(self.denoiser, images, labels, self.config.resolutions, self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad for p in self.denoiser.parameters() if p.grad is not None]
+        max_norm = opts.grad_clip if opts.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), max_norm)
+        if not torch.isfinite(loss) or not torch.isfinite(norm) or not grads:
+            self.skipped_steps += 1  # nan guard: never let one bad batch poison the weights
+            return None
+        for group in self.optimizer.param_groups:
+            group["lr"] = opts.lr * min(1.0, (self.nimg + 1) / max(opts.lr_rampup_kimg * 1000, 1))
+        self.optimizer.step()
+        self.step += 1
+        self.nimg += images.shape[0]
+        halflife = opts.ema_halflife_kimg * 1000
+        if opts.ema_rampup_ratio:
+            halflife = min(halflife, self.nimg * opts.ema_rampup_ratio)
+        beta = 0.5 ** (images.shape[0] / max(halflife, 1e-8))
+        with torch.no_grad():
+            for p_ema, p in zip(self.ema.parameters(), self.denoiser.net.parameters()):
+                p_ema.lerp_(p.detach(), 1 - beta)
+        return per_res
+
+    def fit(self, images: torch.Tensor, labels: torch.Tensor | None, log: TextIO = sys.stderr) -> None:
+        opts = self.options
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
+        total = int(opts.total_kimg * 1000)
+        n = images.shape[0]
+        (self.run_dir / "grids").mkdir(parents=True, exist_ok=True)
+        window_start, window_images = time.perf_counter(), 0
+        last_time = time.perf_counter()
+        while self.nimg < total:
+            idx = torch.randint(0, n, (opts.batch_size,), generator=self.generator)
+            batch_labels = labels[idx] if labels is not None else None
+            per_res = self.train_step(images[idx], batch_labels)
+            now = time.perf_counter()
+            self.wall_seconds += now - last_time
+            last_time = now
+            window_images += opts.batch_size
+            if per_res is not None and self.step % opts.log_every == 0:
+                rate = window_images / max(now - window_start, 1e-9)
+                eta = (total - self.nimg) / max(rate, 1e-9)
+                frac = self.nimg / total
+                bar = "#" * int(frac * 30) + "-" * (30 - int(frac * 30))
+                losses = " ".join(f"{r}:{v:.4f}" for r, v in per_res.items())
+                print(
+                    f"[{bar}] {self.nimg / 1000:7.1f}/{total / 1000:.0f} kimg  step {self.step}  "
+                    f"loss {losses}  {rate:5.1f} img/s  eta {eta / 60:5.1f} min"
+                    + (f"  skipped {self.skipped_steps}" if self.skipped_steps else ""),
+                    file=log,
+                    flush=True,
+                )
+                window_start, window_images = now, 0
+            if self.step and self.step % opts.checkpoint_every == 0:
+                self.save()
+            if opts.grid_every and self.step and self.step % opts.grid_every == 0:
+                save_png(sample_grid(self.ema_model()), self.run_dir / "grids" / f"step{self.step:07d}.png")
+                last_time = time.perf_counter()  # grid time is not training time
+        self.save()
+        save_png(sample_grid(self.ema_model()), self.run_dir / "grids" / "final.png")
