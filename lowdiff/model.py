@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from importlib import resources
 from pathlib import Path
@@ -16,7 +16,7 @@ import torch
 from lowdiff.configs import ModelConfig, get_config
 from lowdiff.network import NetworkConfig, UnifiedUNet
 from lowdiff.precond import Denoiser
-from lowdiff.sampler import StageCallback, StageFunction, run_cascade, to_uint8
+from lowdiff.sampler import FunctionStage, StageCallback, StageRunner, run_cascade, to_uint8
 from lowdiff.schedule import CascadeSchedule
 
 DEFAULT_CHECKPOINT_NAME = "fashion32.pt"
@@ -65,7 +65,14 @@ class TorchStage:
         self.resolution = resolution
 
     @torch.no_grad()
-    def __call__(self, x, sigma, class_labels, condition, sigma_cond):  # noqa: ANN001, ANN204
+    def __call__(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        class_labels: torch.Tensor | None,
+        condition: torch.Tensor | None,
+        sigma_cond: torch.Tensor | None,
+    ) -> torch.Tensor:
         return self.denoiser(x, sigma, class_labels, self.resolution, condition, sigma_cond)
 
 
@@ -94,8 +101,9 @@ class LowDiffModel:
         other.metadata = self.metadata
         return other
 
-    def stage_functions(self) -> dict[int, StageFunction]:
-        return {r: TorchStage(self.denoiser, r) for r in self.config.resolutions}
+    def stage_runners(self) -> dict[int, StageRunner]:
+        """Eager PyTorch on the CPU, fp32: the reference every engine is compared with."""
+        return {r: FunctionStage(TorchStage(self.denoiser, r)) for r in self.config.resolutions}
 
     def check_labels(self, class_labels: Sequence[int] | None, count: int) -> torch.Tensor | None:
         if not self.config.conditional:
@@ -114,13 +122,13 @@ class LowDiffModel:
         self,
         seeds: Sequence[int],
         class_labels: Sequence[int] | None = None,
-        stage_fns: dict[int, StageFunction] | None = None,
+        runners: Mapping[int, StageRunner] | None = None,
         on_stage: StageCallback | None = None,
     ) -> torch.Tensor:
         """uint8 images [B, C, R, R] for the given seeds (and class labels)."""
         labels = self.check_labels(class_labels, len(seeds))
-        fns = stage_fns if stage_fns is not None else self.stage_functions()
-        x = run_cascade(self.schedule, fns, seeds, labels, self.config.network.img_channels, on_stage)
+        runners = runners if runners is not None else self.stage_runners()
+        x = run_cascade(self.schedule, runners, seeds, labels, self.config.network.img_channels, on_stage)
         return to_uint8(x)
 
     # --- checkpoints ---

@@ -1,8 +1,11 @@
 """The cascaded deterministic Heun sampler (paper Algorithm 2 on EDM's sampler).
 
-It walks a :class:`~lowdiff.schedule.CascadeSchedule` and calls one *stage function* per stage: any
-callable ``fn(x, sigma, class_labels, condition, sigma_cond) -> D(x; σ)``. The PyTorch model, the
-ONNX Runtime engine and every other runtime plug in here, so all executors share this loop.
+It walks a :class:`~lowdiff.schedule.CascadeSchedule`, handing each stage to a *stage runner*
+(``run_stage(stage, noise, class_labels, condition, sigma_cond) -> x``). Most runtimes only
+provide one denoiser evaluation, a *stage function* ``fn(x, sigma, class_labels, condition,
+sigma_cond) -> D(x; σ)``, and get the shared Heun loop (:func:`heun_stage`) through
+:class:`FunctionStage`; a runtime that must own the loop (CUDA graphs capture all of a stage's
+steps) implements ``run_stage`` itself from the same :class:`StageSchedule`.
 
 Determinism: every random draw for image i comes from ``torch.Generator().manual_seed(seed_i)``
 (all stages' starting noise, drawn in stage order), and the solver runs in float64, so an
@@ -12,7 +15,7 @@ image depends only on its (class, seed), not on batch size, position or neighbou
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import torch
@@ -29,6 +32,17 @@ class StageFunction(Protocol):
         class_labels: torch.Tensor | None,
         condition: torch.Tensor | None,
         sigma_cond: torch.Tensor | None,
+    ) -> torch.Tensor: ...
+
+
+class StageRunner(Protocol):
+    def run_stage(
+        self,
+        stage: StageSchedule,
+        noise: torch.Tensor,
+        class_labels: torch.Tensor | None,
+        condition: torch.Tensor | None,
+        sigma_cond: float | None,
     ) -> torch.Tensor: ...
 
 
@@ -52,7 +66,7 @@ def upsample_condition(x: torch.Tensor, resolution: int) -> torch.Tensor:
     return F.interpolate(x, scale_factor=float(factor), mode="nearest") if factor > 1 else x
 
 
-def run_stage(
+def heun_stage(
     stage: StageSchedule,
     fn: StageFunction,
     noise: torch.Tensor,
@@ -80,9 +94,26 @@ def run_stage(
     return x
 
 
+class FunctionStage:
+    """A stage runner from a one-evaluation stage function, using the shared Heun loop."""
+
+    def __init__(self, fn: StageFunction):
+        self.fn = fn
+
+    def run_stage(
+        self,
+        stage: StageSchedule,
+        noise: torch.Tensor,
+        class_labels: torch.Tensor | None,
+        condition: torch.Tensor | None,
+        sigma_cond: float | None,
+    ) -> torch.Tensor:
+        return heun_stage(stage, self.fn, noise, class_labels, condition, sigma_cond)
+
+
 def run_cascade(
     schedule: CascadeSchedule,
-    stage_fns: dict[int, StageFunction],
+    runners: Mapping[int, StageRunner],
     seeds: Sequence[int],
     class_labels: torch.Tensor | None,
     channels: int,
@@ -96,7 +127,7 @@ def run_cascade(
     for stage, noise in zip(schedule.stages, noises):
         start = time.perf_counter()
         cond = None if condition is None else upsample_condition(condition, stage.resolution).float()
-        x = run_stage(stage, stage_fns[stage.resolution], noise, class_labels, cond, sigma_cond)
+        x = runners[stage.resolution].run_stage(stage, noise, class_labels, cond, sigma_cond)
         if on_stage is not None:
             on_stage(stage.resolution, time.perf_counter() - start)
         if stage.truncated:

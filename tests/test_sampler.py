@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lowdiff.configs import get_config
-from lowdiff.model import LowDiffModel
+from lowdiff.model import LowDiffModel, TorchStage
+from lowdiff.sampler import FunctionStage
 from lowdiff.schedule import CascadeSchedule, StageSchedule
 
 
@@ -26,7 +27,7 @@ def test_same_batch_twice_is_bit_identical(tiny_model: LowDiffModel) -> None:
 
 def test_each_stage_gets_exactly_its_nfe(tiny_model: LowDiffModel) -> None:
     calls: dict[int, int] = {}
-    fns = tiny_model.stage_functions()
+    fns = {r: TorchStage(tiny_model.denoiser, r) for r in (8, 16, 32)}
 
     def counting(res: int):
         def fn(x, sigma, labels, cond, sigma_cond):
@@ -36,13 +37,13 @@ def test_each_stage_gets_exactly_its_nfe(tiny_model: LowDiffModel) -> None:
 
         return fn
 
-    tiny_model.generate([0, 1], [0, 1], stage_fns={r: counting(r) for r in fns})
+    tiny_model.generate([0, 1], [0, 1], runners={r: FunctionStage(counting(r)) for r in fns})
     assert tuple(calls[r] for r in (8, 16, 32)) == tiny_model.schedule.nfe == (18, 13, 17)
 
 
 def test_truncated_stage_hands_off_its_noise_level(tiny_model: LowDiffModel) -> None:
     seen: dict[int, set[float]] = {}
-    fns = tiny_model.stage_functions()
+    fns = {r: TorchStage(tiny_model.denoiser, r) for r in (8, 16, 32)}
 
     def recording(res: int):
         def fn(x, sigma, labels, cond, sigma_cond):
@@ -52,7 +53,7 @@ def test_truncated_stage_hands_off_its_noise_level(tiny_model: LowDiffModel) -> 
 
         return fn
 
-    tiny_model.generate([0], [0], stage_fns={r: recording(r) for r in fns})
+    tiny_model.generate([0], [0], runners={r: FunctionStage(recording(r)) for r in fns})
     stages = tiny_model.schedule.stages
     assert seen[16] == {round(float(stages[0].sigmas()[-1]), 5)}
     assert seen[32] == {round(float(stages[1].sigmas()[-1]), 5)}

@@ -1,0 +1,66 @@
+"""PyTorch eager stage runners: fp32 on CPU or CUDA; bf16/fp16 autocast and channels-last on CUDA."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from lowdiff.model import LowDiffModel
+from lowdiff.precond import Denoiser
+from lowdiff.sampler import FunctionStage, StageRunner
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    from engines import EngineUnavailable
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EngineUnavailable(f"device {device!r}: no CUDA GPU on this machine (torch {torch.__version__})")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: expected 'cpu' or 'cuda'")
+    return dev
+
+
+class TorchEagerStage:
+    """One stage function: moves inputs to the device, runs the denoiser, returns fp32 on the CPU."""
+
+    def __init__(self, denoiser: Denoiser, resolution: int, device: torch.device, precision: str):
+        self.denoiser = denoiser
+        self.resolution = resolution
+        self.device = device
+        self.autocast_dtype = PRECISIONS[precision]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        class_labels: torch.Tensor | None,
+        condition: torch.Tensor | None,
+        sigma_cond: torch.Tensor | None,
+    ) -> torch.Tensor:
+        def to(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(self.device, non_blocking=True)
+
+        memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        xd = to(x).contiguous(memory_format=memory_format)
+        enabled = self.autocast_dtype is not None
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=enabled):
+            out = self.denoiser(xd, to(sigma), to(class_labels), self.resolution, to(condition), to(sigma_cond))
+        return out.float().cpu()
+
+
+def torch_runners(model: LowDiffModel, device: str, precision: str) -> dict[int, StageRunner]:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    dev = resolve_device(device)
+    if dev.type == "cpu" and precision != "fp32":
+        raise ValueError("precision: the CPU path runs fp32 only (bf16/fp16 are for CUDA)")
+    denoiser = model.denoiser if dev.type == "cpu" else copy.deepcopy(model.denoiser).to(dev)
+    if dev.type == "cuda":
+        denoiser = denoiser.to(memory_format=torch.channels_last)
+    denoiser.eval()
+    return {r: FunctionStage(TorchEagerStage(denoiser, r, dev, precision)) for r in model.config.resolutions}
