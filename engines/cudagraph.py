@@ -1,0 +1,207 @@
+"""PyTorch + CUDA graphs: each stage's whole Heun loop captured once per batch bucket, then replayed.
+
+A stage of the paper-size model is 13–35 small denoiser calls whose kernels are short at batch
+≤ 64, so launch overhead matters; capturing the entire stage (every Euler and Heun evaluation,
+the float64 solver arithmetic in between) into one graph per batch bucket (1, 2, 4, …, 64) removes
+it. A batch is padded up to its bucket; rows are independent (every layer is per-sample), so the
+padding never changes a real image.
+
+The loop that is captured is the shared one, :func:`lowdiff.sampler.heun_stage`, walking the
+stage's own :meth:`StageSchedule.sigmas` and :meth:`~StageSchedule.step_orders`: the capture
+replaces only the denoiser call, whose σ arguments are looked up in device tensors prepared from
+the same ``sigmas()`` before capture (a graph cannot copy from host memory while capturing).
+
+Not run here: this machine and CI have no GPU. On a CPU-only machine :func:`cudagraph_runners`
+raises :class:`engines.EngineUnavailable` naming what is missing.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from engines.torch_eager import PRECISIONS
+from lowdiff.model import LowDiffModel
+from lowdiff.precond import Denoiser
+from lowdiff.sampler import StageRunner, heun_stage
+from lowdiff.schedule import StageSchedule
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def bucket_for(batch: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket that holds ``batch`` (batches above the largest are split by the caller)."""
+    for b in buckets:
+        if b >= batch:
+            return b
+    return buckets[-1]
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    noise: torch.Tensor  # static inputs, written before each replay
+    labels: torch.Tensor | None
+    condition: torch.Tensor | None
+    sigma_cond: torch.Tensor | None
+    out: torch.Tensor  # static output, read after each replay
+
+
+class CudaGraphStage:
+    """A stage runner that owns its loop: replay of a captured :func:`heun_stage` per bucket."""
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        resolution: int,
+        channels: int,
+        conditional: bool,
+        conditioned: bool,
+        device: torch.device,
+        precision: str,
+        buckets: tuple[int, ...],
+        pool: object,
+    ):
+        self.denoiser = denoiser
+        self.resolution = resolution
+        self.channels = channels
+        self.conditional = conditional
+        self.conditioned = conditioned
+        self.device = device
+        self.autocast_dtype = PRECISIONS[precision]
+        self.buckets = tuple(sorted(buckets))
+        self.pool = pool
+        self.graphs: dict[tuple[StageSchedule, int], _Captured] = {}
+
+    def _stage_fn(self, sigma_table: dict[float, torch.Tensor], static_sigma_cond: torch.Tensor | None):  # noqa: ANN202
+        """The denoiser call for capture: σ from device tensors keyed by the schedule's values."""
+        dtype = self.autocast_dtype
+
+        def fn(
+            x: torch.Tensor,
+            sigma: torch.Tensor,
+            class_labels: torch.Tensor | None,
+            condition: torch.Tensor | None,
+            sigma_cond: torch.Tensor | None,
+        ) -> torch.Tensor:
+            sigma_dev = sigma_table[float(sigma[0])]  # sigma is a host tensor filled with one value
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False):
+                out = self.denoiser(x, sigma_dev, class_labels, self.resolution, condition, static_sigma_cond)
+            return out.float()
+
+        return fn
+
+    @torch.no_grad()
+    def capture(self, stage: StageSchedule, bucket: int) -> _Captured:
+        r, c, dev = self.resolution, self.channels, self.device
+        noise = torch.zeros(bucket, c, r, r, dtype=torch.float64, device=dev)
+        labels = torch.zeros(bucket, dtype=torch.long, device=dev) if self.conditional else None
+        condition = torch.zeros(bucket, c, r, r, device=dev) if self.conditioned else None
+        sigma_cond = torch.ones(bucket, device=dev) if self.conditioned else None
+        table = {float(s): torch.full((bucket,), float(s), device=dev) for s in stage.sigmas()}
+        fn = self._stage_fn(table, sigma_cond)
+        placeholder = 1.0 if self.conditioned else None  # the real value sits in the static buffer
+
+        # Warm up on a side stream first (cuDNN/cuBLAS choose kernels and allocate workspaces).
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            heun_stage(stage, fn, noise, labels, condition, placeholder)
+        torch.cuda.current_stream(dev).wait_stream(side)
+
+        graph = torch.cuda.CUDAGraph()
+        # One memory pool for all graphs: safe because replays never overlap and each output is
+        # copied to the host right after its replay, before any other graph runs.
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = heun_stage(stage, fn, noise, labels, condition, placeholder)
+        captured = _Captured(graph, noise, labels, condition, sigma_cond, out)
+        self.graphs[(stage, bucket)] = captured
+        return captured
+
+    def warmup(self, stage: StageSchedule) -> None:
+        for bucket in self.buckets:
+            if (stage, bucket) not in self.graphs:
+                self.capture(stage, bucket)
+
+    @torch.no_grad()
+    def run_stage(
+        self,
+        stage: StageSchedule,
+        noise: torch.Tensor,
+        class_labels: torch.Tensor | None,
+        condition: torch.Tensor | None,
+        sigma_cond: float | None,
+    ) -> torch.Tensor:
+        largest = self.buckets[-1]
+        if noise.shape[0] > largest:  # split, keeping each image's rows together with its inputs
+            parts = []
+            for start in range(0, noise.shape[0], largest):
+                sl = slice(start, start + largest)
+                parts.append(
+                    self.run_stage(
+                        stage,
+                        noise[sl],
+                        None if class_labels is None else class_labels[sl],
+                        None if condition is None else condition[sl],
+                        sigma_cond,
+                    )
+                )
+            return torch.cat(parts)
+        batch = noise.shape[0]
+        bucket = bucket_for(batch, self.buckets)
+        cap = self.graphs.get((stage, bucket)) or self.capture(stage, bucket)
+        cap.noise[:batch].copy_(noise, non_blocking=True)
+        if cap.labels is not None and class_labels is not None:
+            cap.labels[:batch].copy_(class_labels, non_blocking=True)
+        if cap.condition is not None and condition is not None:
+            cap.condition[:batch].copy_(condition, non_blocking=True)
+        if cap.sigma_cond is not None and sigma_cond is not None:
+            cap.sigma_cond.fill_(sigma_cond)
+        cap.graph.replay()
+        return cap.out[:batch].cpu()
+
+
+def cudagraph_runners(
+    model: LowDiffModel,
+    device: str = "cuda",
+    precision: str = "fp32",
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+    capture: bool = True,
+) -> dict[int, StageRunner]:
+    """One graph-replaying runner per stage; with ``capture`` every (stage, bucket) is captured now."""
+    from engines import EngineUnavailable
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    dev = torch.device(device)
+    if not torch.cuda.is_available():
+        raise EngineUnavailable(
+            f"engine 'cudagraph': CUDA graphs need an NVIDIA GPU and a CUDA build of torch; this machine has "
+            f"torch {torch.__version__} with CUDA {'available' if torch.backends.cuda.is_built() else 'not built'}"
+            " and no usable GPU"
+        )
+    if dev.type != "cuda":
+        raise ValueError(f"engine 'cudagraph' runs on device 'cuda', not {device!r} (pass --device cuda)")
+    denoiser = copy.deepcopy(model.denoiser).to(dev).to(memory_format=torch.channels_last).eval()
+    pool = torch.cuda.graph_pool_handle()
+    config = model.config
+    runners: dict[int, StageRunner] = {}
+    for k, stage in enumerate(config.schedule.stages):
+        runner = CudaGraphStage(
+            denoiser,
+            stage.resolution,
+            config.network.img_channels,
+            config.conditional,
+            k > 0,
+            dev,
+            precision,
+            tuple(buckets),
+            pool,
+        )
+        if capture:
+            runner.warmup(stage)
+        runners[stage.resolution] = runner
+    return runners

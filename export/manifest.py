@@ -1,0 +1,111 @@
+"""The ``manifest.json`` that describes an exported engine folder, and the checks made on loading it.
+
+An engine folder is only usable with the model it was exported from and the schedule that model
+samples with, so the manifest carries both (the full config and :meth:`CascadeSchedule.to_dict`)
+plus a fingerprint of the weights: an engine runner refuses a folder whose fingerprint differs
+from the model it is asked to serve, instead of silently generating with other weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "lowdiff-engines-v1"
+
+# Input and output names of every exported stage graph, in call order. ``condition`` and
+# ``sigma_cond`` exist only for conditioned stages (every stage but the first), ``class_labels``
+# only for class-conditional models. ``sigma_cond`` is an addition to the issue's input list: our
+# Denoiser scales the condition by c_in at the condition's own noise level (lowdiff/precond.py),
+# so the graph needs that level as an input to keep the preconditioning inside the graph.
+INPUT_X = "x"
+INPUT_SIGMA = "sigma"
+INPUT_LABELS = "class_labels"
+INPUT_CONDITION = "condition"
+INPUT_SIGMA_COND = "sigma_cond"
+OUTPUT = "denoised"
+
+
+class ManifestError(ValueError):
+    """An engine folder that is missing, malformed, or exported from another model."""
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """A fingerprint of a module's weights (names, shapes, dtypes, values), independent of file format."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def stage_input_names(stage_index: int, conditional: bool) -> list[str]:
+    names = [INPUT_X, INPUT_SIGMA]
+    if conditional:
+        names.append(INPUT_LABELS)
+    if stage_index > 0:
+        names += [INPUT_CONDITION, INPUT_SIGMA_COND]
+    return names
+
+
+def stage_io(stage_index: int, resolution: int, channels: int, conditional: bool) -> dict[str, Any]:
+    """Input/output names, symbolic shapes ("batch" is dynamic) and dtypes of one stage graph."""
+    image = ["batch", channels, resolution, resolution]
+    specs = {
+        INPUT_X: (image, "float32"),
+        INPUT_SIGMA: (["batch"], "float32"),
+        INPUT_LABELS: (["batch"], "int64"),
+        INPUT_CONDITION: (image, "float32"),
+        INPUT_SIGMA_COND: (["batch"], "float32"),
+    }
+    inputs = [
+        {"name": n, "shape": specs[n][0], "dtype": specs[n][1]} for n in stage_input_names(stage_index, conditional)
+    ]
+    outputs = [{"name": OUTPUT, "shape": image, "dtype": "float32"}]
+    return {"inputs": inputs, "outputs": outputs}
+
+
+def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
+    path = out_dir / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_manifest(engine_dir: str | Path, expected_format: str | None = None) -> dict[str, Any]:
+    """Read and sanity-check ``engine_dir/manifest.json``; ``expected_format`` is 'onnx' or 'tensorrt'."""
+    path = Path(engine_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{engine_dir}: no {MANIFEST_NAME} (export one with `lowdiff export`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc})") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ManifestError(f"{path}: not a LowDiff engine manifest (format {manifest.get('format')!r})")
+    if expected_format is not None and manifest.get("engine_format") != expected_format:
+        raise ManifestError(
+            f"{path}: holds {manifest.get('engine_format')!r} engines, not {expected_format!r}; "
+            f"export with `lowdiff export --format {expected_format}`"
+        )
+    return manifest
+
+
+def check_model_matches(manifest: dict[str, Any], model: Any, engine_dir: str | Path) -> None:
+    """Refuse an engine folder exported from other weights.
+
+    The schedule is not checked: a stage graph is one denoiser evaluation, valid for any schedule,
+    and the cascade that drives it always comes from the model's own :class:`CascadeSchedule`.
+    """
+    if manifest["weights_sha256"] != weights_sha256(model.denoiser.net):
+        raise ManifestError(
+            f"{engine_dir}: exported from other weights (config {manifest['config_name']!r}, checkpoint "
+            f"{str(manifest.get('checkpoint_sha256'))[:12]}); re-export it for this model"
+        )
