@@ -154,6 +154,89 @@ def cmd_export_ema(args: argparse.Namespace) -> None:
     print(args.out)
 
 
+# ---------------------------------------------------------------- eval
+def _load_split(path: Path, holdout: int, pad: int, resolution: int | None = None, channels: int | None = None):  # noqa: ANN202
+    """(train images, held-out images, train labels, held-out labels) as [−1, 1] tensors.
+
+    ``resolution``/``channels`` are what the model expects; None takes them from the data."""
+    from lowdiff.data import DataError, holdout_split, load_dataset, prepare_images
+
+    try:
+        images, labels = load_dataset(path)
+        train_idx, held_idx = holdout_split(labels, holdout)
+        if len(held_idx) == 0:
+            raise DataError(f"{path}: --holdout-per-class {holdout} leaves no held-out images")
+        res = resolution or images.shape[-1] + 2 * pad
+        prepare = lambda idx: prepare_images(images[idx], pad, res, channels or images.shape[1])  # noqa: E731
+        return prepare(train_idx), prepare(held_idx), labels[train_idx], labels[held_idx]
+    except DataError as exc:
+        raise CLIError(f"--reference: {exc}") from None
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from lowdiff.evaluation import Classifier, evaluate
+    from lowdiff.model import CheckpointError
+
+    model = _load_model(args.checkpoint)
+    if args.schedule is not None:
+        from lowdiff.schedule import CascadeSchedule
+
+        try:
+            model = model.with_schedule(CascadeSchedule.from_dict(json.loads(args.schedule.read_text())))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CLIError(f"--schedule: {exc}") from None
+    try:
+        classifier = Classifier.load(args.classifier)
+    except CheckpointError as exc:
+        raise CLIError(f"--classifier: {exc}") from None
+    net = model.config.network
+    if (classifier.channels, classifier.resolution) != (net.img_channels, net.img_resolution) or (
+        model.config.conditional and classifier.num_classes != model.config.num_classes
+    ):
+        raise CLIError(
+            f"--classifier: it takes {classifier.channels}×{classifier.resolution}² images of "
+            f"{classifier.num_classes} classes; the model makes {net.img_channels}×{net.img_resolution}² "
+            f"images of {model.config.num_classes} classes (train one with `lowdiff train-classifier`)"
+        )
+    train, held, _, held_labels = _load_split(
+        args.reference, args.holdout_per_class, model.config.pad, net.img_resolution, net.img_channels
+    )
+    report = evaluate(
+        model.generate,
+        classifier,
+        held,
+        held_labels if model.config.conditional else None,
+        args.num_samples,
+        training=train,
+        batch_size=args.batch_size,
+        seed0=args.seed,
+    )
+    result = {"model": model.config.name, "nfe": list(model.schedule.nfe), **report.as_dict()}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> None:
+    from lowdiff.evaluation import classify, train_classifier
+
+    train, held, train_labels, held_labels = _load_split(args.data, args.holdout_per_class, args.pad)
+    num_classes = int(train_labels.max()) + 1
+    model = train_classifier(train, train_labels, num_classes, epochs=args.epochs)
+    accuracy = float((classify(model, held)[0] == held_labels).float().mean())
+    model.save(
+        args.out,
+        {
+            "data": str(args.data.name),
+            "held_out_accuracy": accuracy,
+            "epochs": args.epochs,
+            "train_images": len(train),
+            "held_out_images": len(held),
+        },
+    )
+    print(json.dumps({"held_out_accuracy": round(accuracy, 4), "out": str(args.out)}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowdiff", description="LowDiff: cascaded low-resolution diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -194,10 +277,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", type=Path, default=None, help="write the final EMA weights here")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("eval", help="class agreement and Fréchet distance of generated images")
+    p.add_argument("--checkpoint", type=Path, default=None, help="default: the embedded model")
+    p.add_argument("--reference", type=Path, required=True, help="real images: .npz, image folder or CIFAR-10 tarball")
+    p.add_argument(
+        "--holdout-per-class",
+        type=_positive_int,
+        default=1000,
+        help="the last N images of each class are the held-out reference; the rest is the floor's",
+    )
+    p.add_argument("--classifier", type=Path, default=None, help="default: the embedded Fashion-MNIST classifier")
+    p.add_argument("--num-samples", type=_positive_int, default=10000)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--seed", type=_seed, default=0, help="first seed; image i uses seed + i")
+    p.add_argument("--schedule", type=Path, default=None, help="a JSON cascade schedule to sample with instead")
+    p.add_argument("--json", type=Path, default=None, help="also write the report here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train-classifier", help="train the evaluation classifier on a dataset's training split")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--holdout-per-class", type=_positive_int, default=1000)
+    p.add_argument("--pad", type=_nonnegative_int, default=2)
+    p.add_argument("--epochs", type=_positive_int, default=3)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_train_classifier)
+
     p = sub.add_parser("export-ema", help="extract the EMA weights of a training checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_export_ema)
+
+    from engines.bench import add_parser as add_bench_parser  # export and bench live with their code
+    from export.cli import add_parser as add_export_parser
+
+    add_export_parser(sub)
+    add_bench_parser(sub)
+
+    from service.cli import add_serve_parser  # the HTTP service lives in its own package
+
+    add_serve_parser(sub)
     return parser
 
 

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowdiff.evaluation import Classifier, classify, evaluate, frechet_distance
+from lowdiff.model import CheckpointError
+
+
+def test_frechet_distance_properties() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 8, generator=gen, dtype=torch.float64)
+    b = torch.randn(4000, 8, generator=gen, dtype=torch.float64)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(a, b) < 0.05  # same distribution: only sampling error
+    shifted = frechet_distance(a, b + 1.0)
+    assert shifted == pytest.approx(8.0, rel=0.05)  # ‖μ shift‖² = 8 · 1²
+    scaled = frechet_distance(a, b * 2.0)
+    assert scaled == pytest.approx(8.0, rel=0.1)  # Tr(1 + 4 − 2·2) per dim = 1
+
+
+def test_embedded_classifier_loads_and_reports_its_accuracy() -> None:
+    clf = Classifier.load()
+    assert (clf.channels, clf.num_classes, clf.resolution) == (1, 10, 32)
+    assert clf.metadata["held_out_accuracy"] > 0.85
+    preds, feats = classify(clf, torch.zeros(3, 1, 32, 32))
+    assert preds.shape == (3,) and feats.shape == (3, 128)
+
+
+def test_classifier_errors(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        Classifier.load(tmp_path / "none.pt")
+
+
+def test_evaluate_scores_a_perfect_generator_at_the_ceiling() -> None:
+    # A "generator" that returns real images of the requested class must agree with the classifier
+    # as often as the classifier is right on real images, and sit near the FD floor.
+    clf = Classifier(1, 2, 32)
+    torch.manual_seed(0)
+    real = torch.cat([torch.full((50, 1, 32, 32), -0.8), torch.full((50, 1, 32, 32), 0.8)])
+    real = real + 0.05 * torch.randn_like(real)
+    labels = torch.arange(100) // 50
+
+    def generate(seeds, class_labels):
+        idx = [int(c) * 50 + s % 50 for s, c in zip(seeds, class_labels)]
+        return ((real[idx] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+    report = evaluate(generate, clf, real, labels, num_samples=100, log=None)
+    assert report.class_agreement == pytest.approx(report.classifier_accuracy_real, abs=0.02)
+    assert report.fd < 1e-2
