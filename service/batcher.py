@@ -1,0 +1,284 @@
+"""Dynamic batching: requests are split into images, images are batched, batches run off the event loop.
+
+The unit of scheduling is one image, an :class:`ImageJob` ``(class_label, seed)``; a request is a
+:class:`Ticket` that owns its jobs, its deadline and the future its handler awaits. The batcher
+takes live jobs first-in first-out, up to ``max_batch``, waiting at most ``max_delay`` after the
+oldest queued job arrived for a batch to fill, and runs the batch on the engine in one worker
+thread (the event loop keeps accepting, validating and answering meanwhile). Jobs of several
+requests share a batch; a request larger than ``max_batch`` spans several batches.
+
+Determinism needs nothing from this module: the engine makes image i depend only on
+``(class_labels[i], seeds[i])``, whatever its batch neighbours are.
+
+Why the per-stage loop is not here: the cascade (stage order, Heun steps, hand-offs) belongs to the
+engine layer (:func:`lowdiff.sampler.run_cascade` and the engines' stage runners), and this module
+only sees "images in, images out". Batching each stage on its own later (new requests joining at a
+stage boundary) fits this shape: one queue per stage instead of one, a job carrying its hand-off
+tensor from stage to stage, and the batch function becoming the engine's per-stage runner;
+tickets, deadlines, cancellation and backpressure stay as they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from lowdiff.sampler import StageCallback
+from service.metrics import ServiceMetrics, batch_size_bucket
+
+log = logging.getLogger("lowdiff.service.batcher")
+
+
+class Engine(Protocol):
+    """What the service needs of an engine (``engines.CascadeEngine`` provides it)."""
+
+    def generate(
+        self,
+        seeds: Sequence[int],
+        class_labels: Sequence[int] | None = None,
+        on_stage: StageCallback | None = None,
+    ) -> torch.Tensor: ...
+
+    def warmup(self, batch_size: int = 1) -> None: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+
+class QueueFull(Exception):
+    """The queue cannot take a request's images; retry after ``retry_after_s`` seconds."""
+
+    def __init__(self, retry_after_s: int):
+        super().__init__(f"queue full; retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class EngineFailure(RuntimeError):
+    """The engine raised while running a batch that held some of this request's images."""
+
+
+@dataclass(eq=False)
+class ImageJob:
+    ticket: Ticket
+    index: int
+    seed: int
+    class_label: int | None
+    started: bool = False
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request's images: filled in by the batcher, awaited by the HTTP handler."""
+
+    future: asyncio.Future[list[torch.Tensor]]
+    deadline: float  # time.monotonic() by which the request must be done
+    submitted: float = field(default_factory=time.monotonic)
+    jobs: list[ImageJob] = field(default_factory=list)
+    images: list[torch.Tensor | None] = field(default_factory=list)
+    remaining: int = 0
+    first_start: float | None = None  # when its first batch started (for queue_s)
+    last_end: float | None = None  # when its last batch ended (for compute_s)
+    cancelled: str | None = None  # reason its unstarted work was dropped
+
+    @property
+    def queue_s(self) -> float:
+        return (self.first_start or self.submitted) - self.submitted
+
+    @property
+    def compute_s(self) -> float:
+        if self.first_start is None or self.last_end is None:
+            return 0.0
+        return self.last_end - self.first_start
+
+
+class Batcher:
+    def __init__(
+        self,
+        engine: Engine,
+        executor: Executor,
+        metrics: ServiceMetrics,
+        max_batch: int,
+        max_delay_s: float,
+        max_queue: int,
+    ):
+        self.engine = engine
+        self.executor = executor
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self._queue: deque[ImageJob] = deque()  # may hold jobs of cancelled tickets; skipped when taken
+        self._queued = 0  # live (not cancelled, not started) jobs: what backpressure counts
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._seconds_per_image = 0.0  # from the last batch, for Retry-After
+        self.batches_run = 0
+        metrics.bind_queue(lambda: self._queued)
+
+    # ------------------------------------------------------------------ requests
+    @property
+    def queue_depth(self) -> int:
+        return self._queued
+
+    def submit(self, seeds: Sequence[int], class_labels: Sequence[int | None], deadline: float) -> Ticket:
+        """Queue one request's images, or raise :class:`QueueFull` (nothing already queued is dropped)."""
+        count = len(seeds)
+        if self._queued + count > self.max_queue:
+            raise QueueFull(self.retry_after(count))
+        ticket = Ticket(future=asyncio.get_running_loop().create_future(), deadline=deadline)
+        ticket.jobs = [ImageJob(ticket, k, int(s), c) for k, (s, c) in enumerate(zip(seeds, class_labels))]
+        ticket.images = [None] * count
+        ticket.remaining = count
+        self._queue.extend(ticket.jobs)
+        self._queued += count
+        self._wakeup.set()
+        return ticket
+
+    def cancel(self, ticket: Ticket, reason: str) -> int:
+        """Drop the ticket's jobs that have not started (started ones finish, unseen); returns how many."""
+        if ticket.cancelled is not None:
+            return 0
+        ticket.cancelled = reason
+        dropped = sum(1 for job in ticket.jobs if not job.started)
+        self._queued -= dropped
+        if dropped:
+            self.metrics.images_dropped.labels(reason).inc(dropped)
+        if not ticket.future.done():
+            ticket.future.cancel()
+        return dropped
+
+    def retry_after(self, extra: int = 0) -> int:
+        """Seconds until the queue has room, estimated from the last batch's time per image."""
+        backlog = self._queued + extra - self.max_queue
+        per_image = self._seconds_per_image or 0.1
+        return max(1, min(3600, math.ceil(max(backlog, 1) * per_image)))
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run_forever(), name="lowdiff-batcher")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for job in self._queue:
+            if job.ticket.cancelled is None:
+                self.cancel(job.ticket, "failed")
+
+    async def _run_forever(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            await self._run_batch(batch)
+
+    # ------------------------------------------------------------------ batching
+    async def _next_batch(self) -> list[ImageJob]:
+        while True:
+            self._skip_dead_head()
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            fill_by = self._queue[0].ticket.submitted + self.max_delay_s
+            while self._queued < self.max_batch:
+                timeout = fill_by - time.monotonic()
+                if timeout <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), timeout)
+                except TimeoutError:
+                    break
+            batch = self._take(self.max_batch)
+            if batch:
+                return batch
+
+    def _skip_dead_head(self) -> None:
+        while self._queue and self._queue[0].ticket.cancelled is not None:
+            self._queue.popleft()
+
+    def _take(self, limit: int) -> list[ImageJob]:
+        now = time.monotonic()
+        batch: list[ImageJob] = []
+        while self._queue and len(batch) < limit:
+            job = self._queue.popleft()
+            ticket = job.ticket
+            if ticket.cancelled is not None:
+                continue
+            if ticket.deadline <= now:
+                # Its handler is timing out right now; running it would only waste a slot.
+                self.cancel(ticket, "deadline")
+                continue
+            job.started = True
+            self._queued -= 1
+            batch.append(job)
+        return batch
+
+    async def _run_batch(self, batch: list[ImageJob]) -> None:
+        start = time.monotonic()
+        for job in batch:
+            self.metrics.queue_wait.observe(start - job.ticket.submitted)
+            if job.ticket.first_start is None:
+                job.ticket.first_start = start
+        seeds = [job.seed for job in batch]
+        labels = None if all(job.class_label is None for job in batch) else [int(job.class_label) for job in batch]
+        loop = asyncio.get_running_loop()
+        try:
+            images = await loop.run_in_executor(self.executor, self._generate, seeds, labels)
+            if images.shape[0] != len(batch):
+                raise RuntimeError(f"engine returned {images.shape[0]} images for a batch of {len(batch)}")
+        except Exception as exc:
+            self.metrics.batches.labels("error").inc()
+            log.exception("engine failed on a batch of %d images", len(batch))
+            failure = EngineFailure(f"{type(exc).__name__}: {exc}")
+            for ticket in {id(job.ticket): job.ticket for job in batch}.values():
+                self._fail(ticket, failure)
+            return
+        end = time.monotonic()
+        elapsed = end - start
+        self.batches_run += 1
+        self._seconds_per_image = elapsed / len(batch)
+        self.metrics.batches.labels("ok").inc()
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.batch_duration.labels(batch_size_bucket(len(batch))).observe(elapsed)
+        self.metrics.record_images(len(batch))
+        log.debug("batch of %d images in %.3f s", len(batch), elapsed)
+        for job, image in zip(batch, images):
+            ticket = job.ticket
+            ticket.last_end = end
+            if ticket.cancelled is not None or ticket.future.done():
+                continue
+            ticket.images[job.index] = image
+            ticket.remaining -= 1
+            if ticket.remaining == 0:
+                ticket.future.set_result([im for im in ticket.images if im is not None])
+
+    def _generate(self, seeds: list[int], labels: list[int] | None) -> torch.Tensor:
+        """Runs in the engine thread; stage timings go straight to the (thread-safe) histogram."""
+
+        def on_stage(resolution: int, seconds: float) -> None:
+            self.metrics.stage_duration.labels(str(resolution)).observe(seconds)
+
+        return self.engine.generate(seeds, labels, on_stage=on_stage)
+
+    def _fail(self, ticket: Ticket, failure: EngineFailure) -> None:
+        if ticket.future.done():
+            return
+        ticket.future.set_exception(failure)
+        # Its other images (queued for later batches) are useless now.
+        unstarted = sum(1 for job in ticket.jobs if not job.started)
+        if ticket.cancelled is None:
+            ticket.cancelled = "failed"
+            self._queued -= unstarted
+            if unstarted:
+                self.metrics.images_dropped.labels("failed").inc(unstarted)

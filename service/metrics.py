@@ -1,0 +1,142 @@
+"""Prometheus metrics of one service instance (its own registry, so tests can run several apps).
+
+Naming follows Prometheus conventions: ``lowdiff_`` prefix, base units (seconds), ``_total`` on
+counters. Batch latency is labelled by a power-of-two batch-size bucket rather than the exact size
+so that the label set stays small whatever ``max_batch`` is.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
+
+# Latency buckets (seconds): a tiny model answers in milliseconds, a 64-image CPU batch in tens of seconds.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+THROUGHPUT_WINDOW_S = 10.0
+
+
+def batch_size_bucket(size: int) -> str:
+    """'1', '2', '3-4', '5-8', … : the power-of-two range that holds ``size``."""
+    if size <= 2:
+        return str(size)
+    upper = 1 << (size - 1).bit_length()
+    return f"{upper // 2 + 1}-{upper}"
+
+
+class ThroughputWindow:
+    """Images completed over the last ``window`` seconds, as images per second (read at scrape time)."""
+
+    def __init__(self, window: float = THROUGHPUT_WINDOW_S):
+        self.window = window
+        self._events: deque[tuple[float, int]] = deque()
+        self._lock = threading.Lock()
+        self._started = time.monotonic()
+
+    def add(self, images: int) -> None:
+        with self._lock:
+            self._events.append((time.monotonic(), images))
+
+    def rate(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            while self._events and self._events[0][0] < now - self.window:
+                self._events.popleft()
+            total = sum(n for _, n in self._events)
+        # During the first window after start, divide by the time actually elapsed.
+        return total / max(min(self.window, now - self._started), 1e-3)
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        # `_created` series double the exposition and no dashboard uses them (process-wide switch).
+        disable_created_metrics()
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "lowdiff_requests_total", "HTTP requests by endpoint and status code.", ["endpoint", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            "lowdiff_request_duration_seconds",
+            "HTTP request latency, from the first byte read to the response.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "lowdiff_queue_wait_seconds",
+            "Time an image waited in the queue before its batch started.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "lowdiff_batch_size_images", "Images per engine batch.", buckets=BATCH_SIZE_BUCKETS, registry=r
+        )
+        self.batch_duration = Histogram(
+            "lowdiff_batch_duration_seconds",
+            "Engine time for one batch through the whole cascade, by batch-size bucket.",
+            ["batch_size_bucket"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_duration = Histogram(
+            "lowdiff_stage_duration_seconds",
+            "Engine time for one cascade stage of one batch, by stage resolution.",
+            ["resolution"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batches = Counter("lowdiff_batches_total", "Engine batches run, by outcome.", ["outcome"], registry=r)
+        self.images = Counter(
+            "lowdiff_images_generated_total",
+            "Images the engine generated (including any whose request went away meanwhile).",
+            registry=r,
+        )
+        self.images_dropped = Counter(
+            "lowdiff_images_dropped_total",
+            "Queued images dropped before they started, by reason (deadline, disconnect, failed).",
+            ["reason"],
+            registry=r,
+        )
+        self.throughput_window = ThroughputWindow()
+        self.throughput = Gauge(
+            "lowdiff_throughput_images_per_second",
+            f"Images generated per second over the last {THROUGHPUT_WINDOW_S:g} s.",
+            registry=r,
+        )
+        self.throughput.set_function(self.throughput_window.rate)
+        self.in_flight = Gauge("lowdiff_requests_in_flight", "POST /generate requests being served.", registry=r)
+        self.ready = Gauge("lowdiff_ready", "1 when the engine is loaded and warmed up and not draining.", registry=r)
+        self.info = Info("lowdiff_model", "The served model and engine.", registry=r)
+        self._queue_depth: Callable[[], int] = lambda: 0
+        self.queue = Gauge("lowdiff_queue_depth_images", "Images queued and not yet started.", registry=r)
+        self.queue.set_function(self.queue_depth)
+        for reason in ("deadline", "disconnect", "failed"):
+            self.images_dropped.labels(reason)  # export zeros so that rate() works from the start
+        for outcome in ("ok", "error"):
+            self.batches.labels(outcome)
+
+    def bind_queue(self, depth: Callable[[], int]) -> None:
+        self._queue_depth = depth
+
+    def queue_depth(self) -> int:
+        return int(self._queue_depth())
+
+    def record_images(self, count: int) -> None:
+        self.images.inc(count)
+        self.throughput_window.add(count)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
