@@ -1,0 +1,91 @@
+"""Locust users for LowDiff Serve: POST /generate with random class labels and seeds.
+
+Two tasks, tagged so a run can pick one (``--tags single``): single images as PNG bodies, and
+small batches as JSON. Every response is checked: status 200 and decodable PNGs of the size the
+server's /v1/models announces; anything else is a failure.
+
+    locust -f loadtests/locustfile.py --headless -u 8 -r 8 -t 30s --host http://127.0.0.1:8000
+
+``LOWDIFF_API_KEY`` (if the server needs one) is sent as a bearer token; ``LOWDIFF_LOCUST_MAX_IMAGES``
+bounds the small-batch task (default 4).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import random
+
+from locust import HttpUser, constant, tag, task
+from PIL import Image
+
+MAX_SEED = 2**32 - 1
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of a PNG, fully decoded so that a truncated body fails."""
+    if not data.startswith(PNG_SIGNATURE):
+        raise ValueError("not a PNG")
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return image.size
+
+
+class GenerateUser(HttpUser):
+    wait_time = constant(0)  # closed loop: a user sends its next request when the last one is answered
+
+    def on_start(self) -> None:
+        key = os.environ.get("LOWDIFF_API_KEY")
+        if key:
+            self.client.headers["Authorization"] = f"Bearer {key}"
+        info = self.client.get("/v1/models", name="/v1/models").json()
+        self.num_classes = int(info.get("num_classes") or 0) if info.get("conditional", True) else 0
+        self.resolution = int(info["resolutions"][-1])
+        self.max_images = int(os.environ.get("LOWDIFF_LOCUST_MAX_IMAGES", "4"))
+
+    def _body(self, num_images: int) -> dict[str, int]:
+        body = {"seed": random.randint(0, MAX_SEED - num_images + 1), "num_images": num_images}
+        if self.num_classes:
+            body["class_label"] = random.randrange(self.num_classes)
+        return body
+
+    @tag("single")
+    @task(3)
+    def single_png(self) -> None:
+        headers = {"Accept": "image/png"}
+        with self.client.post(
+            "/generate", json=self._body(1), headers=headers, name="/generate [1, png]", catch_response=True
+        ) as r:
+            if r.status_code != 200:
+                r.failure(f"status {r.status_code}: {r.text[:200]}")
+                return
+            try:
+                size = png_size(r.content)
+            except Exception as exc:  # noqa: BLE001 - any decode error is a failed request
+                r.failure(f"bad PNG: {exc}")
+                return
+            if size != (self.resolution, self.resolution):
+                r.failure(f"PNG is {size}, expected {self.resolution}²")
+
+    @tag("batch")
+    @task(1)
+    def small_batch_json(self) -> None:
+        count = random.randint(2, max(2, self.max_images))
+        body = self._body(count)
+        with self.client.post("/generate", json=body, name="/generate [2-4, json]", catch_response=True) as r:
+            if r.status_code != 200:
+                r.failure(f"status {r.status_code}: {r.text[:200]}")
+                return
+            try:
+                images = r.json()["images"]
+                seeds = [im["seed"] for im in images]
+                sizes = [png_size(base64.b64decode(im["png_base64"])) for im in images]
+            except Exception as exc:  # noqa: BLE001 - malformed body or PNG
+                r.failure(f"bad response: {exc}")
+                return
+            if seeds != [body["seed"] + k for k in range(count)]:
+                r.failure(f"seeds {seeds} do not follow {body['seed']}")
+            elif any(s != (self.resolution, self.resolution) for s in sizes):
+                r.failure(f"PNG sizes {sizes}")

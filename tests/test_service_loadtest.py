@@ -1,0 +1,65 @@
+"""CI smoke: a short headless Locust run against `lowdiff serve` on 127.0.0.1; any failed request fails."""
+
+from __future__ import annotations
+
+import csv
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from lowdiff.model import default_checkpoint_path
+from tests.service_support import wait_until
+from tests.test_service_drain import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+USERS = 4
+SECONDS = 20
+
+
+def test_locust_smoke_against_default_model(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    # The embedded model when it is installed; until then the same network with random weights,
+    # which costs the same per image.
+    model_flags = [] if default_checkpoint_path().is_file() else ["--config", "fashion32"]
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log_file:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "lowdiff.cli", "serve", *model_flags, "--port", str(port), "--max-batch", "8",
+             "--warmup-batch", "4", "--timeout-s", "300"],
+            cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+
+        def ready() -> bool:
+            assert server.poll() is None, log_path.read_text()
+            try:
+                return httpx.get(url + "/readyz").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(ready, timeout=300, interval=0.2)
+        locust = subprocess.run(
+            [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py"), "--headless",
+             "-u", str(USERS), "-r", str(USERS), "-t", f"{SECONDS}s", "--stop-timeout", "120", "--host", url,
+             "--only-summary", "--csv", str(tmp_path / "smoke")],
+            capture_output=True, text=True, timeout=SECONDS + 300,
+        )  # fmt: skip
+        assert locust.returncode == 0, locust.stdout[-3000:] + locust.stderr[-3000:]
+        with open(tmp_path / "smoke_stats.csv") as f:
+            rows = {row["Name"]: row for row in csv.DictReader(f)}
+        total = rows["Aggregated"]
+        assert int(total["Failure Count"]) == 0
+        generated = sum(int(row["Request Count"]) for name, row in rows.items() if name.startswith("/generate"))
+        assert generated >= USERS, rows
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    assert server.returncode == 0, log_path.read_text()[-3000:]
