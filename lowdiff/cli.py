@@ -333,4 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy: subcommands in other packages raise
+    # lowdiff.cli.CLIError, which must be the class that main catches (`python -m lowdiff.cli`).
+    from lowdiff.cli import main as _main
+
+    sys.exit(_main())

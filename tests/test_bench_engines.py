@@ -1,0 +1,141 @@
+"""Engine selection errors, the TensorRT mismatch rule, CUDA-graph buckets, and `lowdiff bench` output."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engines import ENGINE_KINDS, EngineUnavailable, load_engine
+from engines.bench import bench_model, effective_nfe
+from engines.cudagraph import bucket_for
+from engines.tensorrt_engine import EngineMismatch, check_engine_target
+from export.tensorrt_build import engine_file_name
+from lowdiff.model import LowDiffModel
+from tests.conftest import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def lowdiff(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lowdiff.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: CUDA graphs are available")
+def test_cudagraph_without_gpu_is_a_clear_error() -> None:
+    with pytest.raises(EngineUnavailable, match="CUDA graphs need an NVIDIA GPU"):
+        load_engine(LowDiffModel(tiny_config()), "cudagraph", "cuda")
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
+def test_tensorrt_without_library_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(EngineUnavailable, match="'tensorrt' Python package"):
+        load_engine(LowDiffModel(tiny_config()), "tensorrt", "cuda", "fp16", engine_dir=tmp_path)
+
+
+def test_onnxruntime_on_gpu_without_gpu_provider_is_a_clear_error() -> None:
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime build has the CUDA provider")
+    with pytest.raises(EngineUnavailable, match="no CUDA or TensorRT execution provider"):
+        load_engine(LowDiffModel(tiny_config()), "onnxruntime", "cuda")
+
+
+def test_unknown_engine_names_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="available: " + ", ".join(ENGINE_KINDS)):
+        load_engine(LowDiffModel(tiny_config()), "tvm")
+
+
+def test_cli_reports_a_missing_runtime_in_one_line() -> None:
+    kind = "cudagraph" if not torch.cuda.is_available() else None
+    if kind is None:
+        pytest.skip("this machine has a GPU")
+    proc = lowdiff("bench", "--config", "fashion32", "--engine", "cudagraph", "--device", "cuda", "--json", "x.json")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("lowdiff bench: error: --engine cudagraph: ")
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
+def test_export_tensorrt_without_library_is_a_clear_error(tmp_path: Path) -> None:
+    proc = lowdiff("export", "--config", "fashion32", "--format", "tensorrt", "--out", str(tmp_path / "trt"))
+    assert proc.returncode == 2
+    assert "TensorRT" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tensorrt_engine_for_another_gpu_or_version_says_rebuild(tmp_path: Path) -> None:
+    name = engine_file_name(8, (8, 9), "10.3.0", "fp16")
+    assert name == "stage8.sm89.trt10.3.0.fp16.engine"
+    manifest = {
+        "precision": "fp16",
+        "tensorrt": {"version": "10.3.0", "compute_capability": [8, 9]},
+        "stages": [{"resolution": 8, "file": name}],
+    }
+    check_engine_target(manifest, (8, 9), "10.3.0", tmp_path)  # its own GPU and version: accepted
+    for capability, version in (((9, 0), "10.3.0"), ((8, 9), "10.4.0")):
+        with pytest.raises(EngineMismatch, match="rebuild"):
+            check_engine_target(manifest, capability, version, tmp_path)
+
+
+def test_batches_pad_to_the_next_bucket() -> None:
+    buckets = (1, 2, 4, 8, 16, 32, 64)
+    assert [bucket_for(b, buckets) for b in (1, 2, 3, 5, 9, 33, 64)] == [1, 2, 4, 8, 16, 64, 64]
+
+
+def test_effective_nfe_follows_appendix_b() -> None:
+    stages = [
+        {"nfe": 18, "step_latency_s": 0.3},
+        {"nfe": 13, "step_latency_s": 0.5},
+        {"nfe": 17, "step_latency_s": 1.0},
+    ]
+    # 18·0.3 + 13·0.5 + 17 = 28.9 → 29
+    assert effective_nfe(stages) == math.ceil(18 * 0.3 + 13 * 0.5 + 17)
+    assert effective_nfe([{"nfe": 35, "step_latency_s": 0.02}]) == 35
+
+
+def test_bench_model_measures_every_stage() -> None:
+    model = LowDiffModel(tiny_config())
+    # ONNX Runtime with one thread: fast and steady on a loaded 2-core CI machine.
+    result = bench_model(model, "onnxruntime", batch=2, runs=2, warmup_runs=1, threads=1)
+    assert len(result["latency_s_all"]) == 2
+    assert [s["resolution"] for s in result["stages"]] == [8, 16, 32]
+    assert [s["nfe"] for s in result["stages"]] == list(model.config.schedule.nfe)
+    stage_sum = sum(s["latency_s_mean"] for s in result["stages"])
+    assert 0 < stage_sum <= result["latency_s_mean"] * 1.05
+    assert result["throughput_img_s"] == pytest.approx(2 / result["latency_s_mean"])
+    assert result["latency_s_p50"] <= result["latency_s_p90"]
+    assert result["effective_nfe"] == effective_nfe(result["stages"])
+
+
+def test_bench_cli_writes_json_markdown_and_plot(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = lowdiff(
+        "bench", "--config", "fashion32", "--compare", "edm-fashion32", "--engine", "onnxruntime",
+        "--batch", "1", "--runs", "1", "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "random weights" in proc.stderr
+    report = json.loads(out.read_text())
+    assert set(report) == {"results", "ratio"}
+    keys = {"config", "engine", "device", "batch", "latency_s_mean", "latency_s_p50", "latency_s_p90",
+            "throughput_img_s", "stages"}  # fmt: skip
+    for result in report["results"]:
+        assert keys <= set(result)
+        assert result["engine"] == "onnxruntime" and result["batch"] == 1
+    assert [r["config"] for r in report["results"]] == ["fashion32", "edm-fashion32"]
+    first, second = report["results"]
+    assert report["ratio"] == pytest.approx(first["throughput_img_s"] / second["throughput_img_s"])
+    assert [s["nfe"] for s in first["stages"]] == [18, 13, 17]
+    assert "| fashion32 |" in out.with_suffix(".md").read_text()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
