@@ -1,0 +1,311 @@
+"""Saturation sweep: service throughput and latency vs concurrent users, against `lowdiff bench`.
+
+1. ``lowdiff bench`` measures engine-only throughput at batch ``--max-batch`` (same model, engine,
+   threads), with no server running.
+2. ``lowdiff serve`` starts on 127.0.0.1 with ``--max-batch``; for each user count, closed-loop users
+   (each sends its next single-image request when the last one is answered) run for
+   ``--ramp-s`` + ``--window-s``; requests that complete inside the window give throughput and
+   p50/p99 latency. The server's own counters give the mean batch size over the same window.
+3. Writes ``saturation.csv``, ``saturation.png`` (throughput and p50/p99 vs users),
+   ``summary.json`` and ``README.md`` (machine, commands, table) into ``--out-dir``.
+
+Saturated service throughput is the highest throughput of the sweep; the target is ≥ 90 % of
+bench throughput on CPU with the default model.
+
+    python loadtests/saturation.py --max-batch 16 --threads 1 --users 1,4,16,32 --window-s 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_SEED = 2**32 - 1
+
+
+def model_flags(args: argparse.Namespace) -> list[str]:
+    if args.checkpoint:
+        return ["--checkpoint", str(args.checkpoint)]
+    if args.config:
+        return ["--config", args.config]
+    return []  # the embedded default model
+
+
+def machine_description() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gib = float("nan")
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "memory_gib": round(mem_gib, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    out = args.out_dir / "bench.json"
+    from lowdiff.model import default_checkpoint_path
+
+    flags = model_flags(args) or ["--checkpoint", str(default_checkpoint_path())]  # bench names its model
+    cmd = [sys.executable, "-m", "lowdiff.cli", "bench", *flags, "--engine", args.engine,
+           "--batch", str(args.max_batch), "--runs", str(args.bench_runs), "--json", str(out)]  # fmt: skip
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    report = json.loads(out.read_text())
+    return {"command": "lowdiff " + " ".join(cmd[3:]), **report["results"][0]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: argparse.Namespace, port: int) -> tuple[subprocess.Popen[bytes], list[str]]:
+    cmd = [sys.executable, "-m", "lowdiff.cli", "serve", *model_flags(args), "--engine", args.engine,
+           "--port", str(port), "--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms),
+           "--max-queue", "4096", "--timeout-s", "600", "--warmup-batch", str(args.max_batch),
+           "--log-level", "warning"]  # fmt: skip
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    print("$", " ".join(cmd[1:]), flush=True)
+    log = open(args.out_dir / "serve.log", "wb")  # stays open as long as the server runs
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), cmd
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}; see serve.log")
+        try:
+            if httpx.get(url + "/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    raise SystemExit("server not ready in time")
+
+
+def scrape(url: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for sample in family.samples:
+            if not sample.labels:
+                values[sample.name] = float(sample.value)
+    return values
+
+
+async def sweep_point(url: str, users: int, ramp_s: float, window_s: float, info: dict[str, Any]) -> dict[str, Any]:
+    """Closed-loop users; stats from the requests that complete inside [ramp, ramp + window]."""
+    conditional = bool(info.get("conditional"))
+    num_classes = int(info.get("num_classes") or 1)
+    start = time.monotonic()
+    window_start, window_end = start + ramp_s, start + ramp_s + window_s
+    done: list[tuple[float, float, bool]] = []  # (sent, answered, ok)
+    server_counts: dict[str, dict[str, float]] = {}
+
+    async def user(k: int, client: httpx.AsyncClient) -> None:
+        rng = random.Random(users * 1000 + k)
+        while time.monotonic() < window_end:
+            body: dict[str, int] = {"seed": rng.randrange(MAX_SEED)}
+            if conditional:
+                body["class_label"] = rng.randrange(num_classes)
+            sent = time.monotonic()
+            try:
+                r = await client.post("/generate", json=body, headers={"Accept": "image/png"})
+                ok = r.status_code == 200 and r.content.startswith(PNG_SIGNATURE)
+            except httpx.HTTPError:
+                ok = False
+            done.append((sent, time.monotonic(), ok))
+
+    async def mark(name: str, at: float) -> None:
+        await asyncio.sleep(max(0.0, at - time.monotonic()))
+        server_counts[name] = await asyncio.to_thread(scrape, url)
+
+    limits = httpx.Limits(max_connections=users + 4, max_keepalive_connections=users + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
+        await asyncio.gather(
+            *(user(k, client) for k in range(users)), mark("start", window_start), mark("end", window_end)
+        )
+    inside = [(s, e, ok) for s, e, ok in done if window_start <= e <= window_end]
+    latencies = np.array([e - s for s, e, ok in inside if ok])
+    a, b = server_counts["start"], server_counts["end"]
+    batches = b["lowdiff_batch_size_images_count"] - a["lowdiff_batch_size_images_count"]
+    images = b["lowdiff_batch_size_images_sum"] - a["lowdiff_batch_size_images_sum"]
+    return {
+        "users": users,
+        "images_per_s": sum(ok for *_, ok in inside) / window_s,
+        "server_images_per_s": (b["lowdiff_images_generated_total"] - a["lowdiff_images_generated_total"]) / window_s,
+        "p50_s": float(np.percentile(latencies, 50)) if len(latencies) else float("nan"),
+        "p99_s": float(np.percentile(latencies, 99)) if len(latencies) else float("nan"),
+        "requests_in_window": len(inside),
+        "failures": sum(not ok for *_, ok in done),
+        "mean_batch_size": images / batches if batches else float("nan"),
+    }
+
+
+def write_plot(rows: list[dict[str, Any]], bench_ips: float, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    users = [r["users"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(users, [r["images_per_s"] for r in rows], "o-", label="service (client-side)")
+    ax1.axhline(bench_ips, color="k", linestyle="--", label=f"lowdiff bench {bench_ips:.2f}")
+    ax1.axhline(0.9 * bench_ips, color="grey", linestyle=":", label="90 % of bench")
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel("concurrent users (1 image per request)")
+    ax1.set_ylabel("images / s")
+    ax1.set_ylim(bottom=0)
+    ax1.legend(fontsize=8)
+    ax2.plot(users, [r["p50_s"] for r in rows], "o-", label="p50")
+    ax2.plot(users, [r["p99_s"] for r in rows], "s-", label="p99")
+    ax2.set_xscale("log", base=2)
+    ax2.set_xlabel("concurrent users")
+    ax2.set_ylabel("request latency (s)")
+    ax2.set_ylim(bottom=0)
+    ax2.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_readme(summary: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> None:
+    m, b = summary["machine"], summary["bench"]
+    lines = [
+        "# Service saturation sweep",
+        "",
+        f"Model: {summary['model']}; engine {b['engine']}, {b['threads']} thread(s), max batch {summary['max_batch']},"
+        f" max delay {summary['max_delay_ms']} ms.",
+        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['memory_gib']} GiB, {m['os']}, "
+        f"torch {m['torch']}; load average at start {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])}.",
+    ]
+    if summary.get("note"):
+        lines.append(f"Note: {summary['note']}")
+    lines += [
+        "",
+        f"Engine only (`{b['command']}`): **{b['throughput_img_s']:.2f} images/s** at batch {b['batch']}.",
+        f"Saturated service throughput: **{summary['saturated_images_per_s']:.2f} images/s** "
+        f"= **{100 * summary['share_of_bench']:.1f} %** of bench (target ≥ 90 %).",
+        "",
+        f"Command: `{summary['command']}`",
+        "",
+        "| users | images/s | share of bench | p50 (s) | p99 (s) | mean batch | requests in window | failures |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['users']} | {r['images_per_s']:.2f} | {100 * r['images_per_s'] / b['throughput_img_s']:.1f} % | "
+            f"{r['p50_s']:.2f} | {r['p99_s']:.2f} | {r['mean_batch_size']:.1f} | {r['requests_in_window']} | "
+            f"{r['failures']} |"
+        )
+    lines += ["", "![throughput and latency vs users](saturation.png)", ""]
+    path.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=None)
+    p.add_argument("--config", default=None, help="built-in config with random weights (same speed)")
+    p.add_argument("--engine", default="torch")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--max-delay-ms", type=float, default=10.0)
+    p.add_argument("--users", default="1,2,4,8,16,32")
+    p.add_argument("--ramp-s", type=float, default=10.0)
+    p.add_argument("--window-s", type=float, default=60.0)
+    p.add_argument("--bench-runs", type=int, default=5)
+    p.add_argument("--note", default="", help="free text for the README (e.g. other load on the machine)")
+    p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "serve-saturation")
+    args = p.parse_args(argv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    machine = machine_description()
+    bench = run_bench(args)
+    print(f"bench: {bench['throughput_img_s']:.2f} images/s at batch {args.max_batch}", flush=True)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc, serve_cmd = start_server(args, port)
+    rows: list[dict[str, Any]] = []
+    try:
+        wait_ready(url, proc)
+        info = httpx.get(url + "/v1/models").json()
+        for users in [int(u) for u in args.users.split(",")]:
+            row = asyncio.run(sweep_point(url, users, args.ramp_s, args.window_s, info))
+            row["share_of_bench"] = row["images_per_s"] / bench["throughput_img_s"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+
+    with open(args.out_dir / "saturation.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    best = max(rows, key=lambda r: r["images_per_s"])
+    summary = {
+        "model": info.get("model"),
+        "checkpoint_sha256": info.get("checkpoint_sha256"),
+        "max_batch": args.max_batch,
+        "max_delay_ms": args.max_delay_ms,
+        "machine": machine,
+        "note": args.note,
+        "bench": {k: v for k, v in bench.items() if k != "latency_s_all"},
+        "serve_command": "lowdiff " + " ".join(serve_cmd[3:]),
+        "command": "python loadtests/saturation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "saturated_images_per_s": best["images_per_s"],
+        "saturated_at_users": best["users"],
+        "share_of_bench": best["images_per_s"] / bench["throughput_img_s"],
+        "rows": rows,
+    }
+    (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    title = f"{info.get('model')} on {info.get('engine')}, max batch {args.max_batch}: service vs lowdiff bench"
+    write_plot(rows, bench["throughput_img_s"], args.out_dir / "saturation.png", title)
+    write_readme(summary, rows, args.out_dir / "README.md")
+    print(f"saturated: {best['images_per_s']:.2f} images/s = {100 * summary['share_of_bench']:.1f} % of bench")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
