@@ -409,7 +409,7 @@ def create_app(settings: ServeSettings | None = None, *, model: Any = None, engi
         return error_response(exc.status, exc.message, exc.field, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": "invalid"}
         field = _field_from_loc(tuple(first.get("loc", ("body",))))
@@ -422,6 +422,8 @@ def create_app(settings: ServeSettings | None = None, *, model: Any = None, engi
             message = "body: a JSON object is required"
         elif field == "body":
             message = "body: expected a JSON object"
+            if "json" not in request.headers.get("content-type", ""):
+                message += " (send Content-Type: application/json)"
         elif kind == "extra_forbidden":
             message = f"{field}: unknown field"
         else:

@@ -35,8 +35,11 @@ def engine_kwargs(load_engine: Callable[..., Any], settings: ServeSettings) -> d
     that does not is an error rather than a silent fallback to another runtime.
     """
     kwargs: dict[str, Any] = {"kind": settings.engine, "device": settings.device, "precision": settings.precision}
+    accepted = inspect.signature(load_engine).parameters
     if settings.engine_dir is not None:
-        if "engine_dir" not in inspect.signature(load_engine).parameters:
+        if "engine_dir" not in accepted:
             raise SettingsError("--engine-dir: this build's engine loader takes no engine folder")
         kwargs["engine_dir"] = settings.engine_dir
+    if settings.threads and "threads" in accepted:  # e.g. ONNX Runtime's intra-op threads
+        kwargs["threads"] = settings.threads
     return kwargs

@@ -400,3 +400,24 @@ def test_serve_cli_bad_flags_exit_2(tmp_path, capsys) -> None:
     assert "--max-batch: must be ≥ 1" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert "--checkpoint: checkpoint not found" in capsys.readouterr().err
+
+
+def test_form_encoded_body_gets_a_content_type_hint(client) -> None:
+    form = {"Content-Type": "application/x-www-form-urlencoded"}  # what curl -d sends by default
+    r = client.post("/generate", content=b'{"class_label": 1}', headers=form)
+    assert r.status_code == 422 and r.json()["field"] == "body"
+    assert "Content-Type: application/json" in r.json()["error"]
+
+
+@pytest.mark.parametrize("kind", ["torch", "onnxruntime"])
+def test_serves_real_engines(kind: str) -> None:
+    """The tiny model through engines.load_engine, as `lowdiff serve --engine KIND` runs it."""
+    if kind == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    settings = ServeSettings(engine=kind, max_batch=4)
+    with LiveServer(create_app(settings, model=tiny_fast_model())) as srv, srv.wait_ready(120).client() as c:
+        assert c.get("/v1/models").json()["engine"] == kind
+        r = c.post("/generate", json={"class_label": 3, "seed": 4, "num_images": 2})
+        assert r.status_code == 200, r.text
+        a, b = (decode_png(base64.b64decode(im["png_base64"])) for im in r.json()["images"])
+        assert a.shape == (32, 32) and not np.array_equal(a, b)
