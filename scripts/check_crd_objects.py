@@ -34,7 +34,10 @@ STR = {"type": "string"}
 BOOL = {"type": "boolean"}
 INT = {"type": "integer"}
 STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
-DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+DURATION = {
+    "type": "string",
+    "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+}
 LABEL_SELECTOR = {
     "type": "object",
     "additionalProperties": False,
@@ -270,7 +273,15 @@ CUSTOM_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
     ("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,
 }
 # API groups whose kinds kubernetes-validate's bundled schemas cover.
-CORE_GROUPS = {"v1", "apps/v1", "autoscaling/v2", "policy/v1", "batch/v1", "networking.k8s.io/v1", "rbac.authorization.k8s.io/v1"}
+CORE_GROUPS = {
+    "v1",
+    "apps/v1",
+    "autoscaling/v2",
+    "policy/v1",
+    "batch/v1",
+    "networking.k8s.io/v1",
+    "rbac.authorization.k8s.io/v1",
+}
 
 
 def check_prometheus_rule_semantics(obj: dict[str, Any]) -> list[str]:
