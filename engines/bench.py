@@ -89,11 +89,14 @@ def bench_model(
     load_s = time.perf_counter() - load_start
 
     latencies: list[float] = []
+    cpu_times: list[float] = []
     stage_times: dict[int, list[float]] = {r: [] for r in config.resolutions}
     for _ in range(runs):
+        cpu_start = time.process_time()
         start = time.perf_counter()
         engine.generate(seeds, labels, on_stage=lambda r, s: stage_times[r].append(s))
         latencies.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
 
     stages = []
     for stage in config.schedule.stages:
@@ -127,6 +130,11 @@ def bench_model(
         "runs": runs,
         "warmup_runs": warmup_runs,
         "latency_s_all": latencies,
+        # CPU seconds this process used per batch (all its threads): on a shared machine wall time
+        # includes waiting for the CPU, this does not, so it compares engines more steadily.
+        "cpu_s_mean": statistics.fmean(cpu_times),
+        "cpu_s_all": cpu_times,
+        "load_average": _load_average(),
         "precision": precision,
         "threads": threads or torch.get_num_threads(),
         "weights": weights,
@@ -134,6 +142,13 @@ def bench_model(
         "load_and_warmup_s": load_s,
         "versions": {"torch": torch.__version__, **_runtime_versions(engine_kind)},
     }
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _runtime_versions(kind: str) -> dict[str, str]:
@@ -146,17 +161,17 @@ def _runtime_versions(kind: str) -> dict[str, str]:
 
 def markdown_table(report: dict[str, Any]) -> str:
     lines = [
-        "| config | engine | device | batch | latency mean (s) | p50 (s) | p90 (s) | images/s | NFE per stage | "
-        "stage latency (s) | effective NFE |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | engine | device | batch | latency mean (s) | p50 (s) | p90 (s) | images/s | CPU s per batch | "
+        "NFE per stage | stage latency (s) | effective NFE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         nfe = " / ".join(f"{s['resolution']}: {s['nfe']}" for s in r["stages"])
         lat = " / ".join(f"{s['resolution']}: {s['latency_s_mean']:.3f}" for s in r["stages"])
         lines.append(
-            f"| {r['config']} | {r['engine']} ({r['threads']} thr) | {r['device']} | {r['batch']} | "
+            f"| {r['config']} | {r['engine']} {r['precision']} ({r['threads']} thr) | {r['device']} | {r['batch']} | "
             f"{r['latency_s_mean']:.3f} | {r['latency_s_p50']:.3f} | {r['latency_s_p90']:.3f} | "
-            f"{r['throughput_img_s']:.2f} | {nfe} | {lat} | {r['effective_nfe']} |"
+            f"{r['throughput_img_s']:.2f} | {r['cpu_s_mean']:.3f} | {nfe} | {lat} | {r['effective_nfe']} |"
         )
     if report["ratio"] is not None:
         a, b = report["results"][0]["config"], report["results"][1]["config"]
@@ -176,7 +191,7 @@ def write_plot(report: dict[str, Any], path: Path) -> bool:
         return False
     results = report["results"]
     fig, ax = plt.subplots(figsize=(8, 1.6 + 0.7 * len(results)))
-    labels = [f"{r['config']}\n{r['engine']}, batch {r['batch']}" for r in results]
+    labels = [f"{r['config']}\n{r['engine']} {r['precision']}, {r['threads']} thr, batch {r['batch']}" for r in results]
     colors = {8: "#8ecae6", 16: "#219ebc", 32: "#023047", 64: "#fb8500"}
     for row, r in enumerate(results):
         left = 0.0

@@ -1,4 +1,4 @@
-"""PyTorch eager stage runners: fp32 on CPU or CUDA; bf16/fp16 autocast and channels-last on CUDA."""
+"""PyTorch eager stage runners: fp32 (CPU, CUDA), bf16 autocast (CPU), bf16/fp16 autocast + channels-last (CUDA)."""
 
 from __future__ import annotations
 
@@ -57,8 +57,10 @@ def torch_runners(model: LowDiffModel, device: str, precision: str) -> dict[int,
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     dev = resolve_device(device)
-    if dev.type == "cpu" and precision != "fp32":
-        raise ValueError("precision: the CPU path runs fp32 only (bf16/fp16 are for CUDA)")
+    if dev.type == "cpu" and precision == "fp16":
+        # bf16 autocast on the CPU runs convolutions on AMX / AVX512-BF16 where the CPU has them
+        # (about 2× fp32 on Sapphire Rapids, see benchmarks/); fp16 has no fast CPU kernels.
+        raise ValueError("precision: the CPU path runs fp32 or bf16 (fp16 is for CUDA)")
     denoiser = model.denoiser if dev.type == "cpu" else copy.deepcopy(model.denoiser).to(dev)
     if dev.type == "cuda":
         denoiser = denoiser.to(memory_format=torch.channels_last)
