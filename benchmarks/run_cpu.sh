@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The CPU benchmarks committed in benchmarks/cpu/ (see benchmarks/README.md), in the order they ran.
-# Usage: bash benchmarks/run_cpu.sh [NAME…]   (no NAME: all of them; each takes 1–6 minutes on 2 cores)
+# The CPU benchmarks committed in benchmarks/cpu/ (see benchmarks/README.md).
+# Usage: bash benchmarks/run_cpu.sh [NAME…]   (no NAME: all, in this order; 3–15 minutes each on 2 busy cores)
+# Engines in one report are timed round-robin (one batch each per round) so they share the machine's load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=benchmarks/cpu
@@ -12,17 +13,11 @@ bench() {  # NAME ARGS…: one `lowdiff bench` run, with the machine's load befo
   echo "   $name done $(date -u +%FT%TZ), load after: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$out/load.log"
 }
 declare -A runs=(
-  [fashion32-torch-fp32-1t]="--config fashion32 --engine torch --batch 64 --runs 5 --threads 1"
-  [fashion32-onnxruntime-fp32-1t]="--config fashion32 --engine onnxruntime --batch 64 --runs 5 --threads 1"
-  [fashion32-torch-bf16-1t]="--config fashion32 --engine torch --precision bf16 --batch 64 --runs 5 --threads 1"
-  [cifar10-cond-vs-edm-torch-b2-1t]="--config cifar10-cond --compare edm-cifar10-cond --engine torch --batch 2 --runs 2 --threads 1"
-  [cifar10-cond-vs-edm-onnxruntime-b2-1t]="--config cifar10-cond --compare edm-cifar10-cond --engine onnxruntime --batch 2 --runs 2 --threads 1"
-  [fashion32-onnxruntime-fp32-2t]="--config fashion32 --engine onnxruntime --batch 64 --runs 3 --threads 2"
-  [fashion32-torch-bf16-2t]="--config fashion32 --engine torch --precision bf16 --batch 64 --runs 2 --threads 2"
-  [fashion32-torch-fp32-2t]="--config fashion32 --engine torch --batch 64 --runs 2 --threads 2"
+  [fashion32-engines-1t]="--config fashion32 --engine torch,onnxruntime,torch:bf16 --batch 64 --runs 5 --threads 1"
+  [cifar10-cond-vs-edm-b2-1t]="--config cifar10-cond --compare edm-cifar10-cond --engine torch,onnxruntime --batch 2 --runs 2 --threads 1"
+  [fashion32-engines-2t]="--config fashion32 --engine onnxruntime,torch:bf16,torch --batch 64 --runs 2 --threads 2"
 )
-order=(fashion32-torch-fp32-1t fashion32-onnxruntime-fp32-1t fashion32-torch-bf16-1t cifar10-cond-vs-edm-torch-b2-1t
-  cifar10-cond-vs-edm-onnxruntime-b2-1t fashion32-onnxruntime-fp32-2t fashion32-torch-bf16-2t fashion32-torch-fp32-2t)
+order=(fashion32-engines-1t cifar10-cond-vs-edm-b2-1t fashion32-engines-2t)
 names=("$@")
 [[ ${#names[@]} -eq 0 ]] && names=("${order[@]}")
 for name in "${names[@]}"; do

@@ -10,8 +10,13 @@ Effective NFE (paper appendix B): a stage's *per-step latency* is its latency di
 ratio of its per-step latency to the target (last) stage's, the scaled NFEs are summed with the
 target's NFE, and the sum is rounded up.
 
+Several engines (``--engine torch,onnxruntime,torch:bf16``) are measured round-robin: each round
+times every (model, engine) once, so on a shared, drifting machine they all see the same load.
+
 Output: JSON ``{"results": [...], "ratio": ...}`` (``ratio`` = throughput of ``--config`` over
-``--compare``, null without ``--compare``), a Markdown table and a PNG plot beside it.
+``--compare`` on the first engine listed, null without ``--compare``), a Markdown table and a PNG
+plot beside it. Each result also carries the CPU seconds the process used per batch
+(``cpu_s_mean``), steadier than wall time when other work shares the CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,19 +70,47 @@ def device_description(device: str) -> str:
     return cpu_description()
 
 
-def bench_model(
+@dataclass
+class BenchTarget:
+    """One (model, engine) under measurement: loaded and warmed once, then timed run by run."""
+
+    model: Any
+    engine: Any
+    kind: str
+    device: str
+    precision: str
+    batch: int
+    warmup_runs: int
+    threads: int | None
+    weights: str
+    load_s: float
+    seeds: list[int]
+    labels: list[int] | None
+    latencies: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)
+    stage_times: dict[int, list[float]] = field(default_factory=dict)
+
+    def measure(self) -> None:
+        """Time one full batch: wall clock, this process's CPU time, and each stage (on_stage)."""
+        cpu_start = time.process_time()
+        start = time.perf_counter()
+        self.engine.generate(self.seeds, self.labels, on_stage=lambda r, s: self.stage_times[r].append(s))
+        self.latencies.append(time.perf_counter() - start)
+        self.cpu_times.append(time.process_time() - cpu_start)
+
+
+def prepare(
     model: Any,
     engine_kind: str,
     device: str = "cpu",
     precision: str = "fp32",
     batch: int = 64,
-    runs: int = 10,
     warmup_runs: int = 1,
     threads: int | None = None,
     engine_dir: str | Path | None = None,
     weights: str = "checkpoint",
-) -> dict[str, Any]:
-    """Time ``runs`` full batches of ``model`` on ``engine_kind``; returns one ``results`` entry."""
+) -> BenchTarget:
+    """Load ``model`` on ``engine_kind`` and run the warm-up batches (not timed as runs)."""
     from engines import load_engine
 
     config = model.config
@@ -86,21 +120,20 @@ def bench_model(
     labels = [i % config.num_classes for i in seeds] if config.conditional else None
     for _ in range(warmup_runs):
         engine.generate(seeds, labels)
-    load_s = time.perf_counter() - load_start
+    target = BenchTarget(
+        model, engine, engine_kind, device, precision, batch, warmup_runs, threads, weights,
+        time.perf_counter() - load_start, seeds, labels,
+    )  # fmt: skip
+    target.stage_times = {r: [] for r in config.resolutions}
+    return target
 
-    latencies: list[float] = []
-    cpu_times: list[float] = []
-    stage_times: dict[int, list[float]] = {r: [] for r in config.resolutions}
-    for _ in range(runs):
-        cpu_start = time.process_time()
-        start = time.perf_counter()
-        engine.generate(seeds, labels, on_stage=lambda r, s: stage_times[r].append(s))
-        latencies.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
 
+def summarize(target: BenchTarget) -> dict[str, Any]:
+    """One ``results`` entry of the JSON report."""
+    config = target.model.config
     stages = []
     for stage in config.schedule.stages:
-        times = stage_times[stage.resolution]
+        times = target.stage_times[stage.resolution]
         mean = statistics.fmean(times)
         stages.append(
             {
@@ -114,34 +147,61 @@ def bench_model(
     eff = effective_nfe(stages)
     for s in stages:
         s["step_latency_ratio"] = s["step_latency_s"] / stages[-1]["step_latency_s"]
+    latencies = target.latencies
     mean = statistics.fmean(latencies)
     return {
         "config": config.name,
-        "engine": engine_kind,
-        "device": device_description(device),
-        "batch": batch,
+        "engine": target.kind,
+        "device": device_description(target.device),
+        "batch": target.batch,
         "latency_s_mean": mean,
         "latency_s_p50": percentile(latencies, 50),
         "latency_s_p90": percentile(latencies, 90),
-        "throughput_img_s": batch / mean,
+        "throughput_img_s": target.batch / mean,
         "stages": stages,
         "nfe": sum(s["nfe"] for s in stages),
         "effective_nfe": eff,
-        "runs": runs,
-        "warmup_runs": warmup_runs,
+        "runs": len(latencies),
+        "warmup_runs": target.warmup_runs,
         "latency_s_all": latencies,
         # CPU seconds this process used per batch (all its threads): on a shared machine wall time
         # includes waiting for the CPU, this does not, so it compares engines more steadily.
-        "cpu_s_mean": statistics.fmean(cpu_times),
-        "cpu_s_all": cpu_times,
+        "cpu_s_mean": statistics.fmean(target.cpu_times),
+        "cpu_s_all": target.cpu_times,
         "load_average": _load_average(),
-        "precision": precision,
-        "threads": threads or torch.get_num_threads(),
-        "weights": weights,
-        "checkpoint_sha256": model.metadata.get("checkpoint_sha256"),
-        "load_and_warmup_s": load_s,
-        "versions": {"torch": torch.__version__, **_runtime_versions(engine_kind)},
+        "precision": target.precision,
+        "threads": target.threads or torch.get_num_threads(),
+        "weights": target.weights,
+        "checkpoint_sha256": target.model.metadata.get("checkpoint_sha256"),
+        "load_and_warmup_s": target.load_s,
+        "versions": {"torch": torch.__version__, **_runtime_versions(target.kind)},
     }
+
+
+def run_interleaved(targets: list[BenchTarget], runs: int) -> list[dict[str, Any]]:
+    """``runs`` rounds, each timing every target once in turn, so that all targets share the
+    machine's conditions (a busy shared machine drifts over minutes); one result per target."""
+    for _ in range(runs):
+        for target in targets:
+            target.measure()
+    return [summarize(t) for t in targets]
+
+
+def bench_model(
+    model: Any,
+    engine_kind: str,
+    device: str = "cpu",
+    precision: str = "fp32",
+    batch: int = 64,
+    runs: int = 10,
+    warmup_runs: int = 1,
+    threads: int | None = None,
+    engine_dir: str | Path | None = None,
+    weights: str = "checkpoint",
+) -> dict[str, Any]:
+    """Time ``runs`` full batches of ``model`` on ``engine_kind``; returns one ``results`` entry."""
+    target = prepare(model, engine_kind, device, precision, batch, warmup_runs, threads, engine_dir, weights)
+    return run_interleaved([target], runs)[0]
 
 
 def _load_average() -> list[float] | None:
@@ -174,9 +234,13 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"{r['throughput_img_s']:.2f} | {r['cpu_s_mean']:.3f} | {nfe} | {lat} | {r['effective_nfe']} |"
         )
     if report["ratio"] is not None:
-        a, b = report["results"][0]["config"], report["results"][1]["config"]
+        first = report["results"][0]
+        other = next(r for r in report["results"] if r["config"] != first["config"])
         lines.append("")
-        lines.append(f"Throughput ratio {a} / {b}: **{report['ratio']:.3f}**")
+        lines.append(
+            f"Throughput ratio {first['config']} / {other['config']} ({first['engine']} {first['precision']}): "
+            f"**{report['ratio']:.3f}**"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -222,6 +286,21 @@ def write_plot(report: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def parse_engines(text: str, default_precision: str) -> list[tuple[str, str]]:
+    """``torch,onnxruntime,torch:bf16`` → [(kind, precision), …]; unknown kinds raise ValueError."""
+    from engines import ENGINE_KINDS
+
+    specs = []
+    for item in text.split(","):
+        kind, _, precision = item.strip().partition(":")
+        if kind not in ENGINE_KINDS:
+            raise ValueError(f"unknown engine {kind!r}; available: {', '.join(ENGINE_KINDS)}")
+        specs.append((kind, precision or default_precision))
+    if len(set(specs)) != len(specs):
+        raise ValueError(f"{text!r} names the same engine and precision twice")
+    return specs
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
@@ -231,10 +310,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="a built-in config, benchmarked with random weights")
     p.add_argument("--checkpoint", type=Path, default=None, help="benchmark a trained checkpoint instead")
     p.add_argument("--compare", default=None, help="a second built-in config (random weights), e.g. its EDM baseline")
-    p.add_argument("--engine", default="torch", help="torch, cudagraph, onnxruntime or tensorrt")
+    p.add_argument(
+        "--engine",
+        default="torch",
+        help="torch, cudagraph, onnxruntime or tensorrt; KIND:PRECISION picks a precision; a comma list "
+        "(e.g. torch,onnxruntime,torch:bf16) measures them round-robin, run by run, under the same conditions",
+    )
     p.add_argument("--engine-dir", type=Path, default=None, help="exported folder (onnxruntime: optional; tensorrt)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32", help="fp32 (CPU); bf16/fp16 on CUDA")
+    p.add_argument(
+        "--precision", default="fp32", help="default precision: fp32; bf16 (CPU autocast, CUDA); fp16 (CUDA)"
+    )
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--warmup-runs", type=int, default=1)
@@ -244,14 +330,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from engines import ENGINE_KINDS, EngineUnavailable
+    from engines import EngineUnavailable
     from export.manifest import ManifestError
     from lowdiff.cli import CLIError, _load_model
 
     if args.config is None and args.checkpoint is None:
         raise CLIError("--config: give --config NAME (random weights) or --checkpoint P")
-    if args.engine not in ENGINE_KINDS:
-        raise CLIError(f"--engine: unknown engine {args.engine!r}; available: {', '.join(ENGINE_KINDS)}")
+    try:
+        engines = parse_engines(args.engine, args.precision)
+    except ValueError as exc:
+        raise CLIError(f"--engine: {exc}") from None
     for flag, value in (("--batch", args.batch), ("--runs", args.runs)):
         if value < 1:
             raise CLIError(f"{flag}: must be ≥ 1")
@@ -275,35 +363,39 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.engine_dir is not None and len(models) > 1:
         raise CLIError("--engine-dir: holds one model's engines; without it each model is exported for the run")
 
-    results = []
+    # Order: every engine of the first model, then of the second; results keep that order, so
+    # results[0] and results[len(engines)] are the two models on the first engine.
+    targets = []
     for model, weights in models:
         if weights == RANDOM_WEIGHTS_NOTE:
             print(f"{model.config.name}: {RANDOM_WEIGHTS_NOTE}", file=sys.stderr)
-        print(
-            f"{model.config.name}: {args.engine} on {args.device}, batch {args.batch}, {args.runs} runs…",
-            file=sys.stderr,
-        )
-        try:
-            result = bench_model(
-                model,
-                args.engine,
-                args.device,
-                args.precision,
-                args.batch,
-                args.runs,
-                args.warmup_runs,
-                args.threads,
-                args.engine_dir,
-                weights,
-            )
-        except EngineUnavailable as exc:
-            raise CLIError(f"--engine {args.engine}: {exc}") from None
-        except ManifestError as exc:
-            raise CLIError(f"--engine-dir: {exc}") from None
-        except ValueError as exc:
-            raise CLIError(f"--engine {args.engine}: {exc}") from None
-        results.append(result)
-    ratio = results[0]["throughput_img_s"] / results[1]["throughput_img_s"] if len(results) > 1 else None
+        for kind, precision in engines:
+            print(f"{model.config.name}: loading {kind} ({precision}) on {args.device}…", file=sys.stderr)
+            try:
+                targets.append(
+                    prepare(
+                        model,
+                        kind,
+                        args.device,
+                        precision,
+                        args.batch,
+                        args.warmup_runs,
+                        args.threads,
+                        args.engine_dir,
+                        weights,
+                    )
+                )
+            except EngineUnavailable as exc:
+                raise CLIError(f"--engine {kind}: {exc}") from None
+            except ManifestError as exc:
+                raise CLIError(f"--engine-dir: {exc}") from None
+            except ValueError as exc:
+                raise CLIError(f"--engine {kind}: {exc}") from None
+    print(f"timing {len(targets)} target(s), batch {args.batch}, {args.runs} round(s)…", file=sys.stderr)
+    results = run_interleaved(targets, args.runs)
+    ratio = None
+    if len(models) > 1:  # the paper's comparison: same engine (the first listed), same run
+        ratio = results[0]["throughput_img_s"] / results[len(engines)]["throughput_img_s"]
     report = {"results": results, "ratio": ratio}
 
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,19 @@ class CudaGraphStage:
         self.pool = pool
         self.graphs: dict[tuple[StageSchedule, int], _Captured] = {}
 
-    def _stage_fn(self, sigma_table: dict[float, torch.Tensor], static_sigma_cond: torch.Tensor | None):  # noqa: ANN202
+    def sigma_table(self, stage: StageSchedule, bucket: int) -> dict[float, torch.Tensor]:
+        """Device tensors [bucket] of every σ the stage visits, keyed as :func:`heun_stage` passes them.
+
+        heun_stage hands the denoiser a float32 host tensor filled with σ, so the key is the value
+        rounded to float32; the table comes from the schedule's own ``sigmas()``.
+        """
+        table = {}
+        for value in stage.sigmas().tolist():
+            key = float(torch.tensor(value, dtype=torch.float32))
+            table[key] = torch.full((bucket,), key, dtype=torch.float32, device=self.device)
+        return table
+
+    def stage_fn(self, sigma_table: dict[float, torch.Tensor], static_sigma_cond: torch.Tensor | None):  # noqa: ANN201
         """The denoiser call for capture: σ from device tensors keyed by the schedule's values."""
         dtype = self.autocast_dtype
 
@@ -88,7 +100,10 @@ class CudaGraphStage:
         ) -> torch.Tensor:
             sigma_dev = sigma_table[float(sigma[0])]  # sigma is a host tensor filled with one value
             x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False):
+            autocast = torch.autocast(
+                self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False
+            )
+            with autocast:
                 out = self.denoiser(x, sigma_dev, class_labels, self.resolution, condition, static_sigma_cond)
             return out.float()
 
@@ -101,8 +116,7 @@ class CudaGraphStage:
         labels = torch.zeros(bucket, dtype=torch.long, device=dev) if self.conditional else None
         condition = torch.zeros(bucket, c, r, r, device=dev) if self.conditioned else None
         sigma_cond = torch.ones(bucket, device=dev) if self.conditioned else None
-        table = {float(s): torch.full((bucket,), float(s), device=dev) for s in stage.sigmas()}
-        fn = self._stage_fn(table, sigma_cond)
+        fn = self.stage_fn(self.sigma_table(stage, bucket), sigma_cond)
         placeholder = 1.0 if self.conditioned else None  # the real value sits in the static buffer
 
         # Warm up on a side stream first (cuDNN/cuBLAS choose kernels and allocate workspaces).

@@ -3,31 +3,43 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import math
 import subprocess
-import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 import torch
 
 from engines import ENGINE_KINDS, EngineUnavailable, load_engine
-from engines.bench import bench_model, effective_nfe
+from engines.bench import bench_model, effective_nfe, parse_engines
 from engines.cudagraph import bucket_for
 from engines.tensorrt_engine import EngineMismatch, check_engine_target
 from export.tensorrt_build import engine_file_name
+from lowdiff.cli import main
 from lowdiff.model import LowDiffModel
 from tests.conftest import tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: these tiny models gain nothing from two, and on a busy 2-core machine
+    OpenMP's two-thread barriers can make eager PyTorch many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
 
-def lowdiff(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lowdiff.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout
-    )
+def lowdiff(*args: str) -> subprocess.CompletedProcess:
+    """Run the CLI in-process (a fresh interpreter costs seconds of imports on a busy CI machine)."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: CUDA graphs are available")
@@ -92,6 +104,18 @@ def test_batches_pad_to_the_next_bucket() -> None:
     assert [bucket_for(b, buckets) for b in (1, 2, 3, 5, 9, 33, 64)] == [1, 2, 4, 8, 16, 64, 64]
 
 
+def test_engine_lists_parse_with_precisions() -> None:
+    assert parse_engines("torch,onnxruntime,torch:bf16", "fp32") == [
+        ("torch", "fp32"),
+        ("onnxruntime", "fp32"),
+        ("torch", "bf16"),
+    ]
+    with pytest.raises(ValueError, match="unknown engine 'tvm'"):
+        parse_engines("torch,tvm", "fp32")
+    with pytest.raises(ValueError, match="twice"):
+        parse_engines("torch,torch:fp32", "fp32")
+
+
 def test_effective_nfe_follows_appendix_b() -> None:
     stages = [
         {"nfe": 18, "step_latency_s": 0.3},
@@ -120,8 +144,8 @@ def test_bench_model_measures_every_stage() -> None:
 def test_bench_cli_writes_json_markdown_and_plot(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = lowdiff(
-        "bench", "--config", "fashion32", "--compare", "edm-fashion32", "--engine", "onnxruntime",
-        "--batch", "1", "--runs", "1", "--json", str(out),
+        "bench", "--config", "fashion32", "--compare", "edm-fashion32", "--engine", "onnxruntime,torch",
+        "--batch", "1", "--runs", "1", "--threads", "1", "--json", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "random weights" in proc.stderr
@@ -131,11 +155,50 @@ def test_bench_cli_writes_json_markdown_and_plot(tmp_path: Path) -> None:
             "throughput_img_s", "stages"}  # fmt: skip
     for result in report["results"]:
         assert keys <= set(result)
-        assert result["engine"] == "onnxruntime" and result["batch"] == 1
-    assert [r["config"] for r in report["results"]] == ["fashion32", "edm-fashion32"]
-    first, second = report["results"]
+        assert result["batch"] == 1 and result["runs"] == 1
+    # Both engines for each model, measured round-robin; the ratio compares the models on the first engine.
+    pairs = [(r["config"], r["engine"]) for r in report["results"]]
+    assert pairs == [("fashion32", "onnxruntime"), ("fashion32", "torch"), ("edm-fashion32", "onnxruntime"),
+                     ("edm-fashion32", "torch")]  # fmt: skip
+    first, second = report["results"][0], report["results"][2]
     assert report["ratio"] == pytest.approx(first["throughput_img_s"] / second["throughput_img_s"])
     assert [s["nfe"] for s in first["stages"]] == [18, 13, 17]
     assert "| fashion32 |" in out.with_suffix(".md").read_text()
     if importlib.util.find_spec("matplotlib") is not None:
         assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cudagraph_capture_function_reproduces_the_shared_loop() -> None:
+    """What CUDA graphs capture, run eagerly on the CPU: padded bucket, σ from the schedule's table."""
+    from engines.cudagraph import CudaGraphStage
+    from lowdiff.model import TorchStage
+    from lowdiff.sampler import heun_stage
+
+    torch.manual_seed(0)
+    model = LowDiffModel(tiny_config())
+    with torch.no_grad():
+        for p in model.denoiser.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    stage = model.config.schedule.stages[1]  # 16×16: conditioned, truncated
+    runner = CudaGraphStage(model.denoiser, 16, 1, True, True, torch.device("cpu"), "fp32", (1, 2, 4), None)
+    batch, bucket, sigma_cond = 3, 4, 1.7
+    noise = torch.randn(batch, 1, 16, 16, dtype=torch.float64)
+    labels = torch.tensor([1, 5, 9])
+    condition = torch.randn(batch, 1, 16, 16)
+    expected = heun_stage(stage, TorchStage(model.denoiser, 16), noise, labels, condition, sigma_cond)
+
+    pad = bucket - batch
+    static_sigma_cond = torch.full((bucket,), sigma_cond)
+    fn = runner.stage_fn(runner.sigma_table(stage, bucket), static_sigma_cond)
+    with torch.no_grad():
+        got = heun_stage(
+            stage,
+            fn,
+            torch.cat([noise, torch.zeros(pad, 1, 16, 16, dtype=torch.float64)]),
+            torch.cat([labels, torch.zeros(pad, dtype=torch.long)]),
+            torch.cat([condition, torch.zeros(pad, 1, 16, 16)]),
+            1.0,  # a placeholder, as in capture: the real σ_cond is the static buffer
+        )
+    assert len(runner.sigma_table(stage, bucket)) == len(stage.sigmas())
+    assert (got[:batch] - expected).abs().max() <= 1e-4
+    assert (expected - noise * stage.sigmas()[0]).abs().max() > 1e-2

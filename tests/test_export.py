@@ -24,6 +24,16 @@ from tests.conftest import tiny_config
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: these tiny models gain nothing from two, and on a busy 2-core machine
+    OpenMP's two-thread barriers can make eager PyTorch many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def perturbed_tiny(seed: int = 0, label_dim: int = 10) -> LowDiffModel:
     """A tiny model whose zero-initialised output layers are perturbed, so outputs depend on inputs."""
     torch.manual_seed(seed)
