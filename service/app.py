@@ -506,6 +506,8 @@ def create_app(settings: ServeSettings | None = None, *, model: Any = None, engi
                 batcher.cancel(ticket, "disconnect")
                 log.info("client disconnected; unstarted work dropped")
                 return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+            elif ticket.cancelled not in (None, "deadline"):  # the batcher closed under it (forced shutdown)
+                raise APIError(503, "server is shutting down", None, {"Connection": "close"})
             else:
                 batcher.cancel(ticket, "deadline")
                 raise APIError(504, f"timeout_s: not done within {timeout:g} s", "timeout_s")

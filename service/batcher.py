@@ -2,10 +2,11 @@
 
 The unit of scheduling is one image, an :class:`ImageJob` ``(class_label, seed)``; a request is a
 :class:`Ticket` that owns its jobs, its deadline and the future its handler awaits. The batcher
-takes live jobs first-in first-out, up to ``max_batch``, waiting at most ``max_delay`` after the
-oldest queued job arrived for a batch to fill, and runs the batch on the engine in one worker
-thread (the event loop keeps accepting, validating and answering meanwhile). Jobs of several
-requests share a batch; a request larger than ``max_batch`` spans several batches.
+takes live jobs first-in first-out, up to ``max_batch``, waiting at most ``max_delay`` for a batch
+to fill (counted from the later of the oldest queued job's arrival and the end of the previous
+batch), and runs the batch on the engine in one worker thread; the event loop keeps accepting,
+validating and answering meanwhile. Jobs of several requests share a batch; a request larger than
+``max_batch`` spans several batches.
 
 Determinism needs nothing from this module: the engine makes image i depend only on
 ``(class_labels[i], seeds[i])``, whatever its batch neighbours are.
@@ -120,6 +121,7 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._seconds_per_image = 0.0  # from the last batch, for Retry-After
+        self._engine_free_since = 0.0  # time.monotonic() when the last batch ended
         self.batches_run = 0
         metrics.bind_queue(lambda: self._queued)
 
@@ -189,7 +191,10 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            fill_by = self._queue[0].ticket.submitted + self.max_delay_s
+            # Counting the delay from the end of the last batch too lets clients whose answers that
+            # batch just carried rejoin the next one: without it, closed-loop clients as many as
+            # max_batch split into two groups that alternate in half-full batches.
+            fill_by = max(self._queue[0].ticket.submitted, self._engine_free_since) + self.max_delay_s
             while self._queued < self.max_batch:
                 timeout = fill_by - time.monotonic()
                 if timeout <= 0:
@@ -237,14 +242,15 @@ class Batcher:
             images = await loop.run_in_executor(self.executor, self._generate, seeds, labels)
             if images.shape[0] != len(batch):
                 raise RuntimeError(f"engine returned {images.shape[0]} images for a batch of {len(batch)}")
-        except Exception as exc:
+        except Exception as exc:  # any engine error fails this batch only
+            self._engine_free_since = time.monotonic()
             self.metrics.batches.labels("error").inc()
             log.exception("engine failed on a batch of %d images", len(batch))
             failure = EngineFailure(f"{type(exc).__name__}: {exc}")
             for ticket in {id(job.ticket): job.ticket for job in batch}.values():
                 self._fail(ticket, failure)
             return
-        end = time.monotonic()
+        end = self._engine_free_since = time.monotonic()
         elapsed = end - start
         self.batches_run += 1
         self._seconds_per_image = elapsed / len(batch)

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from service import ServeSettings, create_app
@@ -28,6 +29,16 @@ def decode_png(data: bytes) -> np.ndarray:
 
 def live(engine: FakeEngine | None = None, **settings: object) -> LiveServer:
     return LiveServer(create_app(ServeSettings(**settings), engine=engine or FakeEngine()))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny models gain nothing from threads, and on a shared 2-core machine extra OpenMP threads
+    spinning against other processes make them ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

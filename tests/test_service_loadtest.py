@@ -29,7 +29,7 @@ def test_locust_smoke_against_default_model(tmp_path: Path) -> None:
     with open(log_path, "w") as log_file:
         server = subprocess.Popen(
             [sys.executable, "-m", "lowdiff.cli", "serve", *model_flags, "--port", str(port), "--max-batch", "8",
-             "--warmup-batch", "4", "--timeout-s", "300"],
+             "--warmup-batch", "4", "--timeout-s", "300", "--threads", "1"],
             cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
