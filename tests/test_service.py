@@ -237,13 +237,27 @@ def test_client_disconnect_cancels_unstarted_work() -> None:
 def test_engine_failure_is_500_and_server_keeps_serving() -> None:
     engine = FakeEngine()
     engine.fail_seeds = {666}
-    with live(engine) as srv, srv.wait_ready().client() as c:
-        r = c.post("/generate", json={"class_label": 0, "seed": 665, "num_images": 2})
-        assert r.status_code == 500
-        assert "injected engine failure" in r.json()["error"]
+    engine.gate.clear()
+    with live(engine, max_batch=4, max_delay_ms=0) as srv, srv.wait_ready().client() as c:
+        pool = ThreadPoolExecutor(3)
+        try:
+            first = pool.submit(c.post, "/generate", json={"class_label": 0, "seed": 1})
+            wait_until(lambda: len(engine.batches) == 1)
+            # Both wait for the engine, so they share the next batch, which fails.
+            doomed = pool.submit(c.post, "/generate", json={"class_label": 0, "seed": 665, "num_images": 2})
+            neighbour = pool.submit(c.post, "/generate", json={"class_label": 1, "seed": 20})
+            wait_until(lambda: srv.service.batcher.queue_depth == 3)
+        finally:
+            engine.gate.set()
+        assert first.result().status_code == 200
+        for r in (doomed.result(), neighbour.result()):
+            assert r.status_code == 500
+            assert "injected engine failure" in r.json()["error"]
+        assert sorted(engine.batches[1]) == [20, 665, 666]
         assert c.post("/generate", json={"class_label": 0, "seed": 1}).status_code == 200
         assert c.get("/healthz").status_code == 200
         assert metric_value(c.get("/metrics").text, "lowdiff_batches_total", {"outcome": "error"}) == 1
+        pool.shutdown()
 
 
 def test_readiness_waits_for_warmup() -> None:
