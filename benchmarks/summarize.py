@@ -38,15 +38,23 @@ def main() -> None:
             f"| {r['throughput_img_s']:.2f} | {r['cpu_s_mean']:.2f} | {r['batch'] / r['cpu_s_mean']:.2f} "
             f"| {stages} | {nfe} | {r['effective_nfe']} | {load[0] if load else '-'} |"
         )
-    ratios = {stem: r["_ratio"] for stem, r in results if r["_ratio"] is not None}
-    if ratios:
+    reports = {stem for stem, r in results if r["_ratio"] is not None}
+    if reports:
         print()
-        print("| report | throughput ratio (wall) | ratio of images per CPU second |")
-        print("|---|---|---|")
-        for stem in ratios:
-            pair = [r for s, r in results if s == stem]
-            cpu_ratio = (pair[0]["batch"] / pair[0]["cpu_s_mean"]) / (pair[1]["batch"] / pair[1]["cpu_s_mean"])
-            print(f"| {stem} ({pair[0]['config']} / {pair[1]['config']}) | {ratios[stem]:.3f} | {cpu_ratio:.3f} |")
+        print("| report | engine | models | throughput ratio (wall) | ratio of images per CPU second |")
+        print("|---|---|---|---|---|")
+        for stem in sorted(reports):
+            entries = [r for s, r in results if s == stem]
+            first = entries[0]["config"]
+            for a in (r for r in entries if r["config"] == first):
+                b = next(r for r in entries if r["config"] != first and r["engine"] == a["engine"]
+                         and r["precision"] == a["precision"])  # fmt: skip
+                wall = a["throughput_img_s"] / b["throughput_img_s"]
+                cpu = (a["batch"] / a["cpu_s_mean"]) / (b["batch"] / b["cpu_s_mean"])
+                print(
+                    f"| {stem} | {a['engine']} {a['precision']} | {a['config']} / {b['config']} "
+                    f"| {wall:.3f} | {cpu:.3f} |"
+                )
 
 
 if __name__ == "__main__":
