@@ -202,3 +202,19 @@ def test_cudagraph_capture_function_reproduces_the_shared_loop() -> None:
     assert len(runner.sigma_table(stage, bucket)) == len(stage.sigmas())
     assert (got[:batch] - expected).abs().max() <= 1e-4
     assert (expected - noise * stage.sigmas()[0]).abs().max() > 1e-2
+
+
+def test_cpu_bf16_is_an_approximation_of_fp32_and_fp16_is_refused() -> None:
+    torch.manual_seed(0)
+    model = LowDiffModel(tiny_config())
+    with torch.no_grad():
+        for p in model.denoiser.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    seeds, labels = [0, 1, 2], [3, 4, 5]
+    bf16 = load_engine(model, "torch", "cpu", "bf16").generate(seeds, labels).int()
+    fp32 = model.generate(seeds, labels).int()
+    diff = (bf16 - fp32).abs().float()
+    assert diff.mean() < 2  # close on average; not the ≤ 2 levels per pixel of the fp32 engines
+    assert diff.max() > 0  # and it really ran in bf16 (its rounding changes some pixels)
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        load_engine(model, "torch", "cpu", "fp16")
