@@ -131,7 +131,8 @@ def train_classifier(
 
 @torch.no_grad()
 def classify(model: Classifier, images: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted labels, penultimate features) for [−1, 1] images."""
+    """(predicted labels, penultimate features) for [−1, 1] images, in eval mode (BatchNorm, dropout)."""
+    model.eval()
     preds, feats = [], []
     for i in range(0, len(images), batch_size):
         f = model.features(images[i : i + batch_size])
