@@ -199,11 +199,14 @@ class Service:
         if self.engine is not None:
             return self.engine
         from engines import load_engine
-        from service.loading import engine_kwargs, load_model
+        from service.loading import load_model
 
         if self.model is None:
             self.model = load_model(self.settings)
-        return load_engine(self.model, **engine_kwargs(load_engine, self.settings))
+        s = self.settings
+        return load_engine(
+            self.model, s.engine, s.device, s.precision, engine_dir=s.engine_dir, threads=s.threads or None
+        )
 
     def _describe(self, engine: Engine) -> dict[str, Any]:
         info = dict(engine.info())

@@ -22,13 +22,11 @@ SECONDS = 20
 def test_locust_smoke_against_default_model(tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    # The embedded model when it is installed; until then the same network with random weights,
-    # which costs the same per image.
-    model_flags = [] if default_checkpoint_path().is_file() else ["--config", "fashion32"]
+    assert default_checkpoint_path().is_file(), "the embedded default model is part of the package"
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log_file:
         server = subprocess.Popen(
-            [sys.executable, "-m", "lowdiff.cli", "serve", *model_flags, "--port", str(port), "--max-batch", "8",
+            [sys.executable, "-m", "lowdiff.cli", "serve", "--port", str(port), "--max-batch", "8",
              "--warmup-batch", "4", "--timeout-s", "300", "--threads", "1"],
             cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
         )  # fmt: skip
