@@ -133,6 +133,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     trainer = Trainer(config, options, args.run_dir)
     if args.resume and trainer.resume():
         print(f"resumed from {trainer.checkpoint_path} at {trainer.nimg / 1000:.1f} kimg", file=sys.stderr)
+    elif args.init_from is not None:
+        try:
+            trainer.init_from(args.init_from)
+        except (ValueError, OSError) as exc:
+            raise CLIError(f"--init-from: {exc}") from None
+        print(f"initialised from {args.init_from}", file=sys.stderr)
     print(f"training {config.name} on {len(x)} images from {args.data} into {args.run_dir}", file=sys.stderr)
     trainer.fit(x, y)
     if args.export:
@@ -274,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=_positive_int, default=250, help="steps between checkpoints")
     p.add_argument("--threads", type=_nonnegative_int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt if present")
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from a checkpoint's (EMA) weights with a fresh optimizer, e.g. the embedded model",
+    )
     p.add_argument("--export", type=Path, default=None, help="write the final EMA weights here")
     p.set_defaults(func=cmd_train)
 

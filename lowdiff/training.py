@@ -168,6 +168,18 @@ class Trainer:
         self.generator.set_state(state["generator"])
         return True
 
+    def init_from(self, path: Path) -> None:
+        """Warm start: network and EMA from a checkpoint's weights (EMA if it has one); fresh optimizer.
+
+        For continuing from an inference checkpoint such as the embedded model, which carries no
+        optimizer state; the learning-rate ramp-up runs again."""
+        payload = read_checkpoint(path)
+        if config_from_dict(payload["config"]).network != self.config.network:
+            raise ValueError(f"{path}: it was trained with another network config")
+        weights = payload.get("ema_state_dict", payload["state_dict"])
+        self.denoiser.net.load_state_dict(weights)
+        self.ema.load_state_dict(weights)
+
     def ema_model(self) -> LowDiffModel:
         model = LowDiffModel(self.config)
         model.denoiser.net.load_state_dict(self.ema.state_dict())

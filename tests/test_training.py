@@ -78,6 +78,19 @@ def test_checkpoint_round_trip_and_resume(tmp_path: Path) -> None:
     assert len(loaded.metadata["checkpoint_sha256"]) == 64
 
 
+def test_init_from_an_inference_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    source = LowDiffModel(tiny_config())
+    source.save(tmp_path / "src.pt")
+    trainer = Trainer(tiny_config(), TrainOptions(), tmp_path / "run")
+    trainer.init_from(tmp_path / "src.pt")
+    for a, b, c in zip(source.denoiser.net.parameters(), trainer.denoiser.net.parameters(), trainer.ema.parameters()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    other = Trainer(tiny_config((16, 32)), TrainOptions(), tmp_path / "run2")
+    with pytest.raises(ValueError, match="another network"):
+        other.init_from(tmp_path / "src.pt")
+
+
 def test_checkpoint_errors(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not found"):
         LowDiffModel.load(tmp_path / "missing.pt")
