@@ -48,10 +48,6 @@ class CascadeEngine:
         self.engine_dir: str | None = None
         self.scratch: tempfile.TemporaryDirectory | None = None
 
-    @property
-    def config_name(self) -> str:
-        return self.model.config.name
-
     def generate(
         self,
         seeds: Sequence[int],
