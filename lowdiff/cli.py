@@ -180,8 +180,14 @@ def _load_split(path: Path, holdout: int, pad: int, resolution: int | None = Non
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from lowdiff.evaluation import Classifier, evaluate
+    from lowdiff.evaluation import Classifier, InceptionUnavailable, check_inception_available, evaluate
     from lowdiff.model import CheckpointError
+
+    if args.inception_fid:
+        try:
+            check_inception_available()
+        except InceptionUnavailable as exc:
+            raise CLIError(f"--inception-fid: {exc}") from None
 
     model = _load_model(args.checkpoint)
     if args.schedule is not None:
@@ -216,11 +222,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
         training=train,
         batch_size=args.batch_size,
         seed0=args.seed,
+        with_inception=args.inception_fid,
     )
     result = {"model": model.config.name, "nfe": list(model.schedule.nfe), **report.as_dict()}
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if report.inception_fid_error:
+        raise CLIError(f"--inception-fid: {report.inception_fid_error} (the other figures above are complete)")
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> None:
@@ -304,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="first seed; image i uses seed + i")
     p.add_argument("--schedule", type=Path, default=None, help="a JSON cascade schedule to sample with instead")
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
+    p.add_argument(
+        "--inception-fid",
+        action="store_true",
+        help="also the standard Inception FID against the reference (needs torch-fidelity and its weights)",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("train-classifier", help="train the evaluation classifier on a dataset's training split")

@@ -157,6 +157,14 @@ def _builtin() -> dict[str, ModelConfig]:
             description="small default: Fashion-MNIST padded to 32×32, LowDiff 8-16-32",
         ),
         ModelConfig(
+            "fashion32-2stage",
+            _fashion_net((16, 32)),
+            CIFAR_2STAGE,
+            preconditioning="edm",
+            pad=2,
+            description="fashion32 as LowDiff 16-32 (not trained; for the 2-stage comparison)",
+        ),
+        ModelConfig(
             "edm-fashion32",
             _fashion_net((32,)),
             EDM_35,

@@ -6,6 +6,8 @@
   generated and on held-out real images, FID's formula on our own features (so its values are
   not comparable with Inception FID). Its floor is the FD of held-out real images against the
   training images.
+* **Inception FID** (optional, ``lowdiff eval --inception-fid``): the standard metric through
+  torch-fidelity, when it and its weights are available; otherwise a clear error, never a guess.
 
 The classifier is trained on the training split only (``lowdiff train-classifier``); the one
 shipped in ``lowdiff/weights`` is for Fashion-MNIST padded to 32×32.
@@ -160,9 +162,17 @@ class QualityReport:
     classifier_accuracy_real: float | None  # ceiling of class agreement
     fd_real_floor: float | None  # held-out real vs training real
     seconds: float
+    class_agreement_per_class: list[float] | None = None
+    inception_fid: float | None = None
+    inception_fid_error: str | None = None  # why Inception FID was asked for but not computed
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        def rounded(v: Any) -> Any:
+            if isinstance(v, float):
+                return round(v, 5)
+            return [rounded(x) for x in v] if isinstance(v, list) else v
+
+        return {k: rounded(v) for k, v in self.__dict__.items()}
 
 
 GenerateFn = Callable[[Sequence[int], Sequence[int] | None], torch.Tensor]
@@ -195,6 +205,75 @@ def generate_samples(
     return torch.cat(out), labels
 
 
+def score_samples(
+    samples: torch.Tensor, labels: torch.Tensor | None, classifier: Classifier, reference_features: torch.Tensor
+) -> dict[str, Any]:
+    """FD against the reference features and (with labels) overall and per-class agreement of uint8 samples."""
+    preds, feats = classify(classifier, uint8_to_unit(samples))
+    result: dict[str, Any] = {"fd": frechet_distance(feats, reference_features), "class_agreement": None}
+    if labels is not None:
+        hits = (preds == labels).float()
+        result["class_agreement"] = float(hits.mean())
+        result["class_agreement_per_class"] = [
+            float(hits[labels == c].mean()) if bool((labels == c).any()) else None
+            for c in range(classifier.num_classes)
+        ]
+    return result
+
+
+class InceptionUnavailable(RuntimeError):
+    """Inception FID was asked for, but torch-fidelity or its weights are not available here."""
+
+
+def check_inception_available() -> None:
+    """Fail fast (before generating anything) when torch-fidelity is not installed."""
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:
+        raise InceptionUnavailable(
+            "Inception FID needs torch-fidelity, which is not installed (pip install torch-fidelity; it also "
+            "downloads its Inception weights from GitHub on first use)"
+        ) from None
+
+
+def inception_fid(samples: torch.Tensor, reference: torch.Tensor) -> float:
+    """Standard Inception FID (torch-fidelity) between uint8 samples and [−1, 1] reference images.
+
+    Both sets are written as RGB PNGs (greyscale repeated) and handed to torch-fidelity, which
+    resizes them for Inception-v3. Not exercised in this project's CI: it needs torch-fidelity and
+    its weights (downloaded on first use), which CI machines do not have."""
+    check_inception_available()
+    import tempfile
+
+    import torch_fidelity
+    from PIL import Image
+
+    def write(images: torch.Tensor, folder: Path) -> None:
+        folder.mkdir()
+        for i, image in enumerate(images):
+            array = (
+                image.expand(3, -1, -1).permute(1, 2, 0).numpy()
+                if image.shape[0] == 1
+                else image.permute(1, 2, 0).numpy()
+            )
+            Image.fromarray(array).save(folder / f"{i:06d}.png")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write(samples, Path(tmp) / "generated")
+        write(((reference + 1) * 127.5).round().clamp(0, 255).to(torch.uint8), Path(tmp) / "reference")
+        try:
+            metrics = torch_fidelity.calculate_metrics(
+                input1=str(Path(tmp) / "generated"),
+                input2=str(Path(tmp) / "reference"),
+                cuda=torch.cuda.is_available(),
+                fid=True,
+                verbose=False,
+            )
+        except Exception as exc:  # e.g. no network for the weights download; report it, keep the rest
+            raise InceptionUnavailable(f"torch-fidelity failed ({type(exc).__name__}: {exc})") from exc
+    return float(metrics["frechet_inception_distance"])
+
+
 def evaluate(
     generate: GenerateFn,
     classifier: Classifier,
@@ -205,21 +284,31 @@ def evaluate(
     batch_size: int = 64,
     seed0: int = 0,
     log: TextIO | None = sys.stderr,
+    with_inception: bool = False,
 ) -> QualityReport:
     """Generate ``num_samples`` images and score them against ``reference`` ([−1, 1] images)."""
+    if with_inception:
+        check_inception_available()
     start = time.perf_counter()
     num_classes = classifier.num_classes if reference_labels is not None else 0
     samples, labels = generate_samples(generate, num_samples, num_classes, batch_size, seed0, log)
-    preds, feats = classify(classifier, uint8_to_unit(samples))
     ref_preds, ref_feats = classify(classifier, reference)
-    agreement = float((preds == labels).float().mean()) if labels is not None else None
+    scores = score_samples(samples, labels, classifier, ref_feats)
     ceiling = float((ref_preds == reference_labels).float().mean()) if reference_labels is not None else None
     floor = frechet_distance(ref_feats, classify(classifier, training)[1]) if training is not None else None
-    return QualityReport(
+    report = QualityReport(
         num_samples=num_samples,
-        class_agreement=agreement,
-        fd=frechet_distance(feats, ref_feats),
+        class_agreement=scores["class_agreement"],
+        fd=scores["fd"],
         classifier_accuracy_real=ceiling,
         fd_real_floor=floor,
-        seconds=time.perf_counter() - start,
+        seconds=0.0,
+        class_agreement_per_class=scores.get("class_agreement_per_class"),
     )
+    if with_inception:
+        try:
+            report.inception_fid = inception_fid(samples, reference)
+        except InceptionUnavailable as exc:
+            report.inception_fid_error = str(exc)
+    report.seconds = time.perf_counter() - start
+    return report

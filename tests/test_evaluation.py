@@ -50,3 +50,6 @@ def test_evaluate_scores_a_perfect_generator_at_the_ceiling() -> None:
     report = evaluate(generate, clf, real, labels, num_samples=100, log=None)
     assert report.class_agreement == pytest.approx(report.classifier_accuracy_real, abs=1e-9)
     assert report.fd < 1e-6
+    per_class = report.class_agreement_per_class
+    assert per_class is not None and len(per_class) == 2
+    assert sum(per_class) / 2 == pytest.approx(report.class_agreement)  # equal class counts

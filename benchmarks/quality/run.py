@@ -1,0 +1,348 @@
+"""Quality against speed: LowDiff ``fashion32`` vs its single-resolution EDM baseline ``edm-fashion32``.
+
+Regenerates everything in ``benchmarks/quality/`` (about two hours on 2 CPU cores; resumable —
+every point's samples are cached, so a rerun only does what is missing):
+
+    .venv/bin/python benchmarks/quality/run.py --data ../shared/data/fashion-mnist-70k.npz
+
+A *point* is one trained model under one sampler schedule (:func:`sweep_points`). For each point:
+
+1. **samples** — images for seeds 0…N−1, classes cycling 0…9, PyTorch eager fp32 at batch 64,
+   cached as uint8 in ``--cache``. Headline points get ``--num-samples`` (10,000), sweep points
+   ``--sweep-samples``; the first ``--sweep-samples`` seeds are the same images for every point.
+2. **quality** — with the committed classifier (``lowdiff/weights/fashion32-classifier.pt``): class
+   agreement, and the Fréchet distance of its penultimate features against the 10,000 held-out
+   images. Every point is scored on its first ``--sweep-samples`` images (FD is biased upwards at
+   small N, so only equal-N FDs are compared), headline points on all of theirs as well. Beside
+   them: the real-vs-real floor at the same N (N training images vs the held-out set) and the
+   classifier's accuracy on held-out real images (the ceiling of class agreement).
+3. **speed** — every point timed on batches of 64, all points round-robin in one run (``--rounds``),
+   so that they share the machine's load: wall seconds, this process's CPU seconds, and the
+   counted GFLOP per image (stage FLOPs × NFE, :mod:`lowdiff.counting`), which no load can skew.
+
+Outputs: ``results.json``, ``results.md`` (the paper's Tables 2/5/11 layout), ``fd_vs_throughput.png``
+and ``grids/<point>.png`` (10×10, one row per class, seeds 0…99).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from engines.bench import cpu_description, prepare, run_interleaved  # noqa: E402
+from lowdiff.cli import CLIError, _load_split  # noqa: E402
+from lowdiff.configs import get_config  # noqa: E402
+from lowdiff.counting import build_denoiser, stage_gflops  # noqa: E402
+from lowdiff.evaluation import Classifier, classify, frechet_distance, score_samples  # noqa: E402
+from lowdiff.model import LowDiffModel  # noqa: E402
+from lowdiff.schedule import CascadeSchedule, StageSchedule  # noqa: E402
+from lowdiff.training import save_png, tile  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Point:
+    name: str
+    family: str  # "LowDiff" or "EDM": one curve per family in the plot
+    model: str  # which checkpoint: "lowdiff" or "edm"
+    schedule: CascadeSchedule
+    headline: bool  # scored on --num-samples, not only --sweep-samples
+    note: str
+
+
+def sweep_points(lowdiff: CascadeSchedule, edm: CascadeSchedule) -> list[Point]:
+    """The published sweep, relative to the paper's schedules (the built-in configs')."""
+    low, mid, top = (s.resolution for s in lowdiff.stages)
+    t_low, t_mid, n_top = lowdiff.stages[0].truncate_at, lowdiff.stages[1].truncate_at, lowdiff.stages[2].num_steps
+    assert t_low is not None and t_mid is not None
+    points = [Point("lowdiff-paper", "LowDiff", "lowdiff", lowdiff, True, "paper's 3-stage schedule (Table 2)")]
+    for t in (t_low - 2, t_low + 2):
+        points.append(
+            Point(f"lowdiff-trunc{low}-t{t}", "LowDiff", "lowdiff", lowdiff.with_stage(low, truncate_at=t), False,
+                  f"{low}×{low} hand-off at grid index {t} (paper: {t_low})")
+        )  # fmt: skip
+    for t in (t_mid - 2, t_mid + 2):
+        points.append(
+            Point(f"lowdiff-trunc{mid}-t{t}", "LowDiff", "lowdiff", lowdiff.with_stage(mid, truncate_at=t), False,
+                  f"{mid}×{mid} hand-off at grid index {t} (paper: {t_mid})")
+        )  # fmt: skip
+    for n in (n_top - 3, n_top - 5):
+        points.append(
+            Point(f"lowdiff-{top}steps{n}", "LowDiff", "lowdiff", lowdiff.with_stage(top, num_steps=n), False,
+                  f"fewer {top}×{top} steps: N={n} (paper: {n_top})")
+        )  # fmt: skip
+    # The nearest thing to a 2-stage 16-32 schedule that these 3-stage weights can run: their 16×16
+    # sub-network was trained conditioned on an 8×8 image, so the 8×8 stage is cut to a single
+    # Euler evaluation from σ_max to the paper's hand-off σ. A true 2-stage model (16×16
+    # unconditional, config `fashion32-2stage`) would have to be trained separately.
+    first = lowdiff.stages[0]
+    one_step = StageSchedule(low, 2, sigma_min=float(first.sigmas()[-1]), sigma_max=first.sigma_max,
+                             truncate_at=1, final_step="euler")  # fmt: skip
+    points.append(
+        Point(f"lowdiff-{low}x1", "LowDiff", "lowdiff", CascadeSchedule((one_step, *lowdiff.stages[1:])), False,
+              f"≈2-stage {mid}-{top}: the {low}×{low} stage cut to 1 evaluation")
+    )  # fmt: skip
+    (edm_stage,) = edm.stages
+    points.append(Point("edm-35", "EDM", "edm", edm, True, "EDM baseline, the paper's NFE 35"))
+    for n in (13, 10, 8):
+        points.append(
+            Point(f"edm-{2 * n - 1}", "EDM", "edm", edm.with_stage(edm_stage.resolution, num_steps=n), False,
+                  f"EDM with fewer steps: N={n}")
+        )  # fmt: skip
+    return points
+
+
+def cached_samples(point: Point, model: LowDiffModel, count: int, cache: Path, chunk: int = 640) -> np.ndarray:
+    """uint8 [count, C, R, R] for seeds 0…count−1 (class = seed mod K; batches of 64), cached in ``cache``.
+
+    Image i depends only on (class, seed), so a cache is extended by generating just the missing
+    seeds; it is saved every ``chunk`` images, so an interrupted run loses at most one chunk."""
+    sha = (model.metadata.get("checkpoint_sha256") or "random")[:12]
+    path = cache / f"{point.name}-{sha}.npz"
+    images = np.load(path)["images"] if path.is_file() else None
+    done = 0 if images is None else len(images)
+    if done >= count:
+        return images[:count]
+    print(f"[{point.name}] generating images {done}…{count - 1}: {point.note}", file=sys.stderr, flush=True)
+    runnable = model.with_schedule(point.schedule)
+    classes = max(model.config.num_classes, 1)
+    start = time.perf_counter()
+    for begin in range(done, count, chunk):
+        end = min(begin + chunk, count)
+        batches = []
+        for first in range(begin, end, 64):
+            seeds = list(range(first, min(first + 64, end)))
+            labels = [seed % classes for seed in seeds] if model.config.conditional else None
+            batches.append(runnable.generate(seeds, labels).numpy())
+        images = np.concatenate(batches if images is None else [images, *batches])
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, images=images)
+        tmp.replace(path)
+        rate = (end - done) / (time.perf_counter() - start)
+        print(f"[{point.name}] {end}/{count} images, {rate:.2f} img/s", file=sys.stderr, flush=True)
+    assert images is not None
+    return images
+
+
+def class_rows_grid(images: np.ndarray, num_classes: int, cols: int = 10) -> torch.Tensor:
+    """Samples i have class i mod K: reorder the first K·cols into one row per class."""
+    cols = min(cols, len(images) // num_classes)
+    order = [c + num_classes * j for c in range(num_classes) for j in range(cols)]
+    return tile(torch.from_numpy(images[order]), num_classes, cols)
+
+
+def score(images: np.ndarray, classifier: Classifier, ref_feats: torch.Tensor) -> dict[str, Any]:
+    labels = torch.arange(len(images)) % classifier.num_classes
+    result = score_samples(torch.from_numpy(images), labels, classifier, ref_feats)
+    return {
+        "num_samples": len(images),
+        "fd": round(result["fd"], 3),
+        "class_agreement": round(result["class_agreement"], 5),
+        "class_agreement_per_class": [round(a, 4) for a in result["class_agreement_per_class"]],
+    }
+
+
+def gflops_per_image(model: LowDiffModel, schedule: CascadeSchedule) -> float:
+    denoiser = build_denoiser(model.config, "meta")
+    return sum(stage_gflops(denoiser, model.config, s.resolution) * s.nfe for s in schedule.stages)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    n_sweep, n_full, batch = report["sweep_samples"], report["num_samples"], report["batch"]
+    base = next(p for p in report["points"] if p["name"] == report["baseline"])
+    lines = [
+        f"| model | schedule | NFE per resolution | FD (N={n_sweep}) | class agreement (N={n_sweep}) | "
+        f"FD (N={n_full}) | class agreement (N={n_full}) | latency per {batch} images (s) | "
+        f"images/s | CPU s per {batch} images | GFLOP per image | throughput vs {report['baseline']} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in report["points"]:
+        nfe = " / ".join(f"{s['nfe']}@{s['resolution']}" for s in p["stages"])
+        full = p.get("full")
+        full_fd = f"{full['fd']:.2f}" if full else "–"
+        full_agreement = f"{100 * full['class_agreement']:.1f} %" if full else "–"
+        flop_ratio = base["gflops_per_image"] / p["gflops_per_image"]
+        lines.append(
+            f"| {p['model_config']} | {p['name']}: {p['note']} | {nfe} | {p['sweep']['fd']:.2f} | "
+            f"{100 * p['sweep']['class_agreement']:.1f} % | "
+            f"{full_fd} | {full_agreement} | "
+            f"{p['latency_s_mean']:.2f} | {p['throughput_img_s']:.2f} | {p['cpu_s_mean']:.2f} | "
+            f"{p['gflops_per_image']:.2f} | {p['throughput_img_s'] / base['throughput_img_s']:.2f}× "
+            f"(CPU s {base['cpu_s_mean'] / p['cpu_s_mean']:.2f}×, FLOPs {flop_ratio:.2f}×) |"
+        )
+    floors = report["floors"]
+    lines += [
+        "",
+        f"Floors (real vs real, held-out against N training images): FD {floors['fd_real_sweep']:.2f} at "
+        f"N={n_sweep}, {floors['fd_real_full']:.2f} at N={report['num_samples']}. Ceiling of class agreement "
+        f"(classifier on held-out real images): {100 * floors['classifier_accuracy_real']:.2f} %.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_plot(report: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    styles = {"LowDiff": ("#219ebc", "o"), "EDM": ("#fb8500", "s")}
+    for family, (color, marker) in styles.items():
+        pts = sorted((p for p in report["points"] if p["family"] == family), key=lambda p: p["throughput_img_s"])
+        for ax, key, scale in ((axes[0], "fd", 1.0), (axes[1], "class_agreement", 100.0)):
+            xs = [p["throughput_img_s"] for p in pts]
+            ys = [scale * p["sweep"][key] for p in pts]
+            ax.plot(xs, ys, marker=marker, color=color, label=family)
+            for p, x, y in zip(pts, xs, ys):
+                ax.annotate("/".join(str(s["nfe"]) for s in p["stages"]), (x, y), fontsize=7,
+                            textcoords="offset points", xytext=(4, 4))  # fmt: skip
+    n = report["sweep_samples"]
+    axes[0].axhline(report["floors"]["fd_real_sweep"], color="grey", ls=":", label="real vs real")
+    axes[0].set_ylabel(f"Fréchet distance, classifier features (N={n}; lower is better)")
+    axes[1].axhline(100 * report["floors"]["classifier_accuracy_real"], color="grey", ls=":", label="ceiling (real)")
+    axes[1].set_ylabel(f"class agreement, % (N={n})")
+    for ax in axes:
+        ax.set_xlabel(f"images/s, batch {report['batch']} (labels: NFE per stage)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"fashion32 (LowDiff 8-16-32) vs edm-fashion32 — {report['machine']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="the Fashion-MNIST .npz (held-out split = reference)")
+    parser.add_argument("--holdout-per-class", type=int, default=1000)
+    parser.add_argument("--lowdiff", type=Path, default=ROOT / "lowdiff/weights/fashion32.pt")
+    parser.add_argument("--edm", type=Path, default=ROOT / "lowdiff/weights/edm-fashion32.pt")
+    parser.add_argument("--classifier", type=Path, default=None, help="default: the committed classifier")
+    parser.add_argument("--num-samples", type=int, default=10000, help="images per headline point")
+    parser.add_argument("--sweep-samples", type=int, default=2000, help="images per sweep point")
+    parser.add_argument("--points", default="*", help="comma-separated name patterns (default: all)")
+    parser.add_argument("--samples-only", action="store_true", help="only fill the sample cache (run in parallel)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed batches per point")
+    parser.add_argument("--batch", type=int, default=64, help="images per timed batch")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--cache", type=Path, default=ROOT / "runs/quality-cache")
+    parser.add_argument("--out", type=Path, default=HERE)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if min(args.num_samples, args.sweep_samples, args.rounds, args.batch) < 1:
+        parser.error("--num-samples, --sweep-samples, --rounds and --batch must be positive")
+    if args.sweep_samples > args.num_samples:
+        parser.error("--sweep-samples must not exceed --num-samples")
+
+    patterns = args.points.split(",")
+    points = [
+        p
+        for p in sweep_points(get_config("fashion32").schedule, get_config("edm-fashion32").schedule)
+        if any(fnmatch.fnmatch(p.name, pat) for pat in patterns)
+    ]
+    if not points:
+        parser.error(f"--points {args.points!r} matches no point")
+    paths = {"lowdiff": args.lowdiff, "edm": args.edm}
+    models = {key: LowDiffModel.load(paths[key]) for key in sorted({p.model for p in points})}
+    any_model = next(iter(models.values()))
+    net = any_model.config.network
+    try:
+        train, held, _, held_labels = _load_split(
+            args.data, args.holdout_per_class, any_model.config.pad, net.img_resolution, net.img_channels
+        )
+    except CLIError as exc:
+        parser.error(str(exc).replace("--reference", "--data"))
+    args.cache.mkdir(parents=True, exist_ok=True)
+    samples = {
+        p.name: cached_samples(p, models[p.model], args.num_samples if p.headline else args.sweep_samples, args.cache)
+        for p in points
+    }
+    if args.samples_only:
+        return
+
+    classifier = Classifier.load(args.classifier)
+    ref_preds, ref_feats = classify(classifier, held)
+    generator = torch.Generator().manual_seed(0)
+    train_sub = train[torch.randperm(len(train), generator=generator)[: args.num_samples]]
+    train_feats = classify(classifier, train_sub)[1]
+    floors = {
+        "fd_real_sweep": round(frechet_distance(train_feats[: args.sweep_samples], ref_feats), 3),
+        "fd_real_full": round(frechet_distance(train_feats, ref_feats), 3),
+        "classifier_accuracy_real": round(float((ref_preds == held_labels).float().mean()), 5),
+    }
+
+    print(f"timing {len(points)} points × {args.rounds} rounds of {args.batch} images", file=sys.stderr, flush=True)
+    targets = [
+        prepare(models[p.model].with_schedule(p.schedule), "torch", batch=args.batch, threads=args.threads)
+        for p in points
+    ]
+    timings = run_interleaved(targets, args.rounds)
+
+    (args.out / "grids").mkdir(parents=True, exist_ok=True)
+    results = []
+    for p, timing in zip(points, timings):
+        model = models[p.model]
+        images = samples[p.name]
+        save_png(class_rows_grid(images, model.config.num_classes), args.out / "grids" / f"{p.name}.png")
+        entry = {
+            "name": p.name,
+            "family": p.family,
+            "model_config": model.config.name,
+            "checkpoint_sha256": model.metadata.get("checkpoint_sha256"),
+            "training_images": model.metadata.get("training_images"),
+            "note": p.note,
+            "schedule": p.schedule.to_dict(),
+            "stages": [{"resolution": s.resolution, "nfe": s.nfe} for s in p.schedule.stages],
+            "sweep": score(images[: args.sweep_samples], classifier, ref_feats),
+            "full": score(images, classifier, ref_feats) if p.headline else None,
+            "gflops_per_image": round(gflops_per_image(model, p.schedule), 4),
+            **{
+                k: timing[k]
+                for k in ("latency_s_mean", "latency_s_all", "throughput_img_s", "cpu_s_mean", "load_average")
+            },
+        }
+        results.append(entry)
+        print(f"[{p.name}] FD {entry['sweep']['fd']:.2f}  agreement {entry['sweep']['class_agreement']:.3f}  "
+              f"{entry['throughput_img_s']:.2f} img/s", file=sys.stderr)  # fmt: skip
+    report = {
+        "command": "python benchmarks/quality/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": f"{cpu_description()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "platform": platform.platform(),
+        "engine": f"torch eager fp32, batch {args.batch}",
+        "num_samples": args.num_samples,
+        "sweep_samples": args.sweep_samples,
+        "batch": args.batch,
+        "baseline": "edm-35",
+        "floors": floors,
+        "points": results,
+    }
+    if not any(p["name"] == report["baseline"] for p in results):
+        report["baseline"] = results[0]["name"]
+    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "results.md").write_text(markdown(report))
+    write_plot(report, args.out / "fd_vs_throughput.png")
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""benchmarks/quality/run.py end to end on tiny random-weight models (the real run takes hours)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+from lowdiff.configs import get_config
+from lowdiff.model import LowDiffModel
+from tests.conftest import tiny_config
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "run.py"
+
+
+def load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("quality_run", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_points_have_the_intended_nfe() -> None:
+    quality = load_script()
+    points = {
+        p.name: p for p in quality.sweep_points(get_config("fashion32").schedule, get_config("edm-fashion32").schedule)
+    }
+    nfe = {name: p.schedule.nfe for name, p in points.items()}
+    assert nfe["lowdiff-paper"] == (18, 13, 17)
+    assert nfe["lowdiff-trunc8-t7"] == (14, 13, 17) and nfe["lowdiff-trunc8-t11"] == (22, 13, 17)
+    assert nfe["lowdiff-trunc16-t5"] == (18, 9, 17) and nfe["lowdiff-trunc16-t9"] == (18, 17, 17)
+    assert nfe["lowdiff-32steps6"] == (18, 13, 11) and nfe["lowdiff-32steps4"] == (18, 13, 7)
+    assert nfe["lowdiff-8x1"] == (1, 13, 17)
+    # the one-evaluation 8×8 stage still hands off at the paper's σ
+    paper_handoff = float(points["lowdiff-paper"].schedule.stages[0].sigmas()[-1])
+    assert float(points["lowdiff-8x1"].schedule.stages[0].sigmas()[-1]) == pytest.approx(paper_handoff)
+    assert nfe["edm-35"] == (35,) and nfe["edm-25"] == (25,) and nfe["edm-19"] == (19,) and nfe["edm-15"] == (15,)
+    assert [p.name for p in points.values() if p.headline] == ["lowdiff-paper", "edm-35"]
+
+
+def test_quality_run_end_to_end_and_reuses_its_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10, dtype=np.uint8), 8)
+    data = tmp_path / "data.npz"
+    np.savez(data, images=rng.integers(0, 256, (80, 28, 28), dtype=np.uint8), labels=labels)
+    LowDiffModel(tiny_config()).save(tmp_path / "lowdiff.pt")
+    LowDiffModel(tiny_config((32,))).save(tmp_path / "edm.pt")
+    args = [
+        "--data", str(data), "--holdout-per-class", "4",
+        "--lowdiff", str(tmp_path / "lowdiff.pt"), "--edm", str(tmp_path / "edm.pt"),
+        "--num-samples", "20", "--sweep-samples", "10", "--rounds", "1", "--batch", "4", "--threads", "1",
+        "--points", "lowdiff-paper,lowdiff-8x1,edm-35,edm-15",
+        "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+    ]  # fmt: skip
+    quality = load_script()
+    threads = torch.get_num_threads()
+    try:
+        quality.main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    by_name = {p["name"]: p for p in report["points"]}
+    assert set(by_name) == {"lowdiff-paper", "lowdiff-8x1", "edm-35", "edm-15"}
+    paper = by_name["lowdiff-paper"]
+    assert paper["full"]["num_samples"] == 20 and paper["sweep"]["num_samples"] == 10
+    assert by_name["lowdiff-8x1"]["full"] is None
+    for p in report["points"]:
+        assert np.isfinite(p["sweep"]["fd"]) and 0 <= p["sweep"]["class_agreement"] <= 1
+        assert len(p["sweep"]["class_agreement_per_class"]) == 10
+        assert p["throughput_img_s"] > 0 and p["gflops_per_image"] > 0
+        assert (tmp_path / "out" / "grids" / f"{p['name']}.png").is_file()
+    # fewer NFE, fewer counted FLOPs
+    assert by_name["edm-15"]["gflops_per_image"] < by_name["edm-35"]["gflops_per_image"]
+    assert by_name["lowdiff-8x1"]["gflops_per_image"] < paper["gflops_per_image"]
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| tiny | lowdiff-paper: paper's 3-stage schedule (Table 2) | 18@8 / 13@16 / 17@32 |" in table
+    assert (tmp_path / "out" / "fd_vs_throughput.png").is_file()
+
+    # One cache file per point; a rerun generates nothing.
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 4
+
+    def no_generation(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("regenerated cached samples")
+
+    monkeypatch.setattr(LowDiffModel, "generate", no_generation)
+    try:
+        quality.main([*args, "--samples-only"])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(("extra", "needle"), [(["--points", "nope*"], "--points"), ([], "--data")])
+def test_quality_run_rejects_bad_arguments_before_generating(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], needle: str
+) -> None:
+    LowDiffModel(tiny_config()).save(tmp_path / "lowdiff.pt")
+    LowDiffModel(tiny_config((32,))).save(tmp_path / "edm.pt")
+    quality = load_script()
+    argv = ["--data", str(tmp_path / "missing.npz"), "--lowdiff", str(tmp_path / "lowdiff.pt"),
+            "--edm", str(tmp_path / "edm.pt"), "--cache", str(tmp_path / "cache")]  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        quality.main(argv + extra)
+    assert exc.value.code == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
