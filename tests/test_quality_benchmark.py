@@ -85,6 +85,15 @@ def test_quality_run_end_to_end_and_reuses_its_cache(tmp_path: Path, monkeypatch
     assert "| tiny | lowdiff-paper: paper's 3-stage schedule (Table 2) | 18@8 / 13@16 / 17@32 |" in table
     assert (tmp_path / "out" / "fd_vs_throughput.png").is_file()
 
+    # Extending a cache generates only the missing seeds, in chunks, and gives the images a fresh run gives.
+    point = next(p for p in quality.sweep_points(get_config("fashion32").schedule, get_config("edm-fashion32").schedule)
+                 if p.name == "lowdiff-8x1")  # fmt: skip
+    model = LowDiffModel.load(tmp_path / "lowdiff.pt")
+    extended = quality.cached_samples(point, model, 13, tmp_path / "cache", chunk=2)
+    fresh = model.with_schedule(point.schedule).generate(list(range(13)), [s % 10 for s in range(13)]).numpy()
+    assert extended.shape == fresh.shape
+    assert np.abs(extended.astype(int) - fresh.astype(int)).max() <= 1  # batch composition differs: ≤ 1 level
+
     # One cache file per point; a rerun generates nothing.
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 4
 
@@ -98,7 +107,16 @@ def test_quality_run_end_to_end_and_reuses_its_cache(tmp_path: Path, monkeypatch
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize(("extra", "needle"), [(["--points", "nope*"], "--points"), ([], "--data")])
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--points", "nope*"], "--points"),
+        ([], "--data"),
+        (["--lowdiff", "missing.pt"], "--lowdiff"),
+        (["--edm", "LOWDIFF"], "--edm"),  # a 3-stage model where the single-stage baseline belongs
+        (["--sweep-samples", "5"], "--sweep-samples"),
+    ],
+)
 def test_quality_run_rejects_bad_arguments_before_generating(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], needle: str
 ) -> None:
@@ -107,6 +125,7 @@ def test_quality_run_rejects_bad_arguments_before_generating(
     quality = load_script()
     argv = ["--data", str(tmp_path / "missing.npz"), "--lowdiff", str(tmp_path / "lowdiff.pt"),
             "--edm", str(tmp_path / "edm.pt"), "--cache", str(tmp_path / "cache")]  # fmt: skip
+    extra = [str(tmp_path / "lowdiff.pt") if a == "LOWDIFF" else a for a in extra]
     with pytest.raises(SystemExit) as exc:
         quality.main(argv + extra)
     assert exc.value.code == 2 and needle in capsys.readouterr().err

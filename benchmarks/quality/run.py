@@ -9,7 +9,7 @@ A *point* is one trained model under one sampler schedule (:func:`sweep_points`)
 
 1. **samples** — images for seeds 0…N−1, classes cycling 0…9, PyTorch eager fp32 at batch 64,
    cached as uint8 in ``--cache``. Headline points get ``--num-samples`` (10,000), sweep points
-   ``--sweep-samples``; the first ``--sweep-samples`` seeds are the same images for every point.
+   ``--sweep-samples``; every point uses the same seeds and classes for its first ``--sweep-samples`` images.
 2. **quality** — with the committed classifier (``lowdiff/weights/fashion32-classifier.pt``): class
    agreement, and the Fréchet distance of its penultimate features against the 10,000 held-out
    images. Every point is scored on its first ``--sweep-samples`` images (FD is biased upwards at
@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import hashlib
 import json
+import os
 import platform
 import sys
 import time
@@ -47,7 +49,7 @@ from lowdiff.cli import CLIError, _load_split  # noqa: E402
 from lowdiff.configs import get_config  # noqa: E402
 from lowdiff.counting import build_denoiser, stage_gflops  # noqa: E402
 from lowdiff.evaluation import Classifier, classify, frechet_distance, score_samples  # noqa: E402
-from lowdiff.model import LowDiffModel  # noqa: E402
+from lowdiff.model import CheckpointError, LowDiffModel  # noqa: E402
 from lowdiff.schedule import CascadeSchedule, StageSchedule  # noqa: E402
 from lowdiff.training import save_png, tile  # noqa: E402
 
@@ -87,8 +89,8 @@ def sweep_points(lowdiff: CascadeSchedule, edm: CascadeSchedule) -> list[Point]:
         )  # fmt: skip
     # The nearest thing to a 2-stage 16-32 schedule that these 3-stage weights can run: their 16×16
     # sub-network was trained conditioned on an 8×8 image, so the 8×8 stage is cut to a single
-    # Euler evaluation from σ_max to the paper's hand-off σ. A true 2-stage model (16×16
-    # unconditional, config `fashion32-2stage`) would have to be trained separately.
+    # Euler evaluation from σ_max to the paper's hand-off σ. A true 2-stage model (whose 16×16
+    # stage takes no low-resolution condition, config `fashion32-2stage`) would have to be trained.
     first = lowdiff.stages[0]
     one_step = StageSchedule(low, 2, sigma_min=float(first.sigmas()[-1]), sigma_max=first.sigma_max,
                              truncate_at=1, final_step="euler")  # fmt: skip
@@ -106,13 +108,19 @@ def sweep_points(lowdiff: CascadeSchedule, edm: CascadeSchedule) -> list[Point]:
     return points
 
 
+def cache_name(point: Point, model: LowDiffModel) -> str:
+    """Samples are keyed by point, weights and schedule, so that no change reuses stale images."""
+    weights = (model.metadata.get("checkpoint_sha256") or "random")[:12]
+    schedule = hashlib.sha256(json.dumps(point.schedule.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    return f"{point.name}-{weights}-{schedule}.npz"
+
+
 def cached_samples(point: Point, model: LowDiffModel, count: int, cache: Path, chunk: int = 640) -> np.ndarray:
     """uint8 [count, C, R, R] for seeds 0…count−1 (class = seed mod K; batches of 64), cached in ``cache``.
 
     Image i depends only on (class, seed), so a cache is extended by generating just the missing
     seeds; it is saved every ``chunk`` images, so an interrupted run loses at most one chunk."""
-    sha = (model.metadata.get("checkpoint_sha256") or "random")[:12]
-    path = cache / f"{point.name}-{sha}.npz"
+    path = cache / cache_name(point, model)
     images = np.load(path)["images"] if path.is_file() else None
     done = 0 if images is None else len(images)
     if done >= count:
@@ -129,7 +137,7 @@ def cached_samples(point: Point, model: LowDiffModel, count: int, cache: Path, c
             labels = [seed % classes for seed in seeds] if model.config.conditional else None
             batches.append(runnable.generate(seeds, labels).numpy())
         images = np.concatenate(batches if images is None else [images, *batches])
-        tmp = path.with_suffix(".tmp.npz")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
         np.savez(tmp, images=images)
         tmp.replace(path)
         rate = (end - done) / (time.perf_counter() - start)
@@ -188,7 +196,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"Floors (real vs real, held-out against N training images): FD {floors['fd_real_sweep']:.2f} at "
-        f"N={n_sweep}, {floors['fd_real_full']:.2f} at N={report['num_samples']}. Ceiling of class agreement "
+        f"N={n_sweep}, {floors['fd_real_full']:.2f} at N={floors['fd_real_full_samples']}. Ceiling of class agreement "
         f"(classifier on held-out real images): {100 * floors['classifier_accuracy_real']:.2f} %.",
     ]
     return "\n".join(lines) + "\n"
@@ -262,9 +270,38 @@ def main(argv: list[str] | None = None) -> None:
     if not points:
         parser.error(f"--points {args.points!r} matches no point")
     paths = {"lowdiff": args.lowdiff, "edm": args.edm}
-    models = {key: LowDiffModel.load(paths[key]) for key in sorted({p.model for p in points})}
+    models: dict[str, LowDiffModel] = {}
+    for key in sorted({p.model for p in points}):
+        flag = f"--{key}"
+        try:
+            models[key] = LowDiffModel.load(paths[key])
+        except CheckpointError as exc:
+            parser.error(f"{flag}: {exc}")
+        model = models[key]
+        if not model.config.conditional:
+            parser.error(
+                f"{flag}: {paths[key]} is {model.config.name!r}; this benchmark needs a class-conditional model"
+            )
+        for p in points:
+            if p.model == key and p.schedule.resolutions != model.config.resolutions:
+                parser.error(f"{flag}: {model.config.name!r} has stages {model.config.resolutions}, "
+                             f"point {p.name} needs {p.schedule.resolutions}")  # fmt: skip
+    try:
+        classifier = Classifier.load(args.classifier)
+    except CheckpointError as exc:
+        parser.error(f"--classifier: {exc}")
     any_model = next(iter(models.values()))
+    if args.sweep_samples < any_model.config.num_classes:
+        parser.error(f"--sweep-samples must be at least the number of classes ({any_model.config.num_classes})")
     net = any_model.config.network
+    if (classifier.channels, classifier.resolution, classifier.num_classes) != (
+        net.img_channels,
+        net.img_resolution,
+        any_model.config.num_classes,
+    ):
+        parser.error(f"--classifier: it takes {classifier.channels}×{classifier.resolution}² images of "
+                     f"{classifier.num_classes} classes; the models make {net.img_channels}×{net.img_resolution}² "
+                     f"images of {any_model.config.num_classes} classes")  # fmt: skip
     try:
         train, held, _, held_labels = _load_split(
             args.data, args.holdout_per_class, any_model.config.pad, net.img_resolution, net.img_channels
@@ -279,7 +316,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.samples_only:
         return
 
-    classifier = Classifier.load(args.classifier)
     ref_preds, ref_feats = classify(classifier, held)
     generator = torch.Generator().manual_seed(0)
     train_sub = train[torch.randperm(len(train), generator=generator)[: args.num_samples]]
@@ -287,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     floors = {
         "fd_real_sweep": round(frechet_distance(train_feats[: args.sweep_samples], ref_feats), 3),
         "fd_real_full": round(frechet_distance(train_feats, ref_feats), 3),
+        "fd_real_full_samples": len(train_feats),
         "classifier_accuracy_real": round(float((ref_preds == held_labels).float().mean()), 5),
     }
 
