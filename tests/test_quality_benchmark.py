@@ -40,6 +40,8 @@ def test_sweep_points_have_the_intended_nfe() -> None:
     assert nfe["lowdiff-32steps6"] == (18, 13, 11) and nfe["lowdiff-32steps4"] == (18, 13, 7)
     assert nfe["lowdiff-8x1"] == (1, 13, 17)
     assert nfe["lowdiff-late"] == (22, 17, 17) and nfe["lowdiff-late-32steps6"] == (22, 17, 11)
+    assert nfe["lowdiff-late-32from10"] == (22, 17, 11)
+    assert points["lowdiff-late-32from10"].schedule.stages[-1].sigma_max == 10.0
     # the one-evaluation 8×8 stage still hands off at the paper's σ
     paper_handoff = float(points["lowdiff-paper"].schedule.stages[0].sigmas()[-1])
     assert float(points["lowdiff-8x1"].schedule.stages[0].sigmas()[-1]) == pytest.approx(paper_handoff)

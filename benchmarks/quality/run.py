@@ -108,6 +108,13 @@ def sweep_points(lowdiff: CascadeSchedule, edm: CascadeSchedule) -> list[Point]:
         Point(f"lowdiff-late-{top}steps{n_top - 3}", "LowDiff", "lowdiff", late.with_stage(top, num_steps=n_top - 3),
               False, f"late hand-offs and {top}×{top} N={n_top - 3}")
     )  # fmt: skip
+    # Fewer 32×32 steps over the full σ range fail (big steps where the condition already fixes the
+    # image); the same 6 steps from a lower σ_max spend them where detail is made.
+    points.append(
+        Point(f"lowdiff-late-{top}from10", "LowDiff", "lowdiff",
+              late.with_stage(top, num_steps=n_top - 3, sigma_max=10.0), False,
+              f"late hand-offs and {top}×{top} N={n_top - 3} from σ_max 10")
+    )  # fmt: skip
     (edm_stage,) = edm.stages
     points.append(Point("edm-35", "EDM", "edm", edm, True, "EDM baseline, the paper's NFE 35"))
     for n in (13, 10, 8):
