@@ -234,7 +234,11 @@ def write_plot(report: dict[str, Any], path: Path) -> bool:
         for ax, key, scale in ((axes[0], "fd", 1.0), (axes[1], "class_agreement", 100.0)):
             xs = [p["throughput_img_s"] for p in pts]
             ys = [scale * p["sweep"][key] for p in pts]
-            ax.plot(xs, ys, marker=marker, color=color, label=family)
+            ax.scatter(xs, ys, marker=marker, color=color, label=family)
+            # the family's best trade-offs: each point better than every faster one
+            worse = (lambda a, b: a > b) if key == "fd" else (lambda a, b: a < b)
+            best = [i for i in range(len(pts)) if all(worse(ys[j], ys[i]) for j in range(i + 1, len(pts)))]
+            ax.plot([xs[i] for i in best], [ys[i] for i in best], color=color, alpha=0.6)
             for p, x, y in zip(pts, xs, ys):
                 ax.annotate("/".join(str(s["nfe"]) for s in p["stages"]), (x, y), fontsize=7,
                             textcoords="offset points", xytext=(4, 4))  # fmt: skip
