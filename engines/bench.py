@@ -244,14 +244,22 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_plot(report: dict[str, Any], path: Path) -> bool:
-    """A stacked bar per result (per-stage latency of one batch); False when matplotlib is missing."""
+def headless_pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def write_plot(report: dict[str, Any], path: Path) -> bool:
+    """A stacked bar per result (per-stage latency of one batch); False when matplotlib is missing."""
+    plt = headless_pyplot()
+    if plt is None:
         return False
     results = report["results"]
     fig, ax = plt.subplots(figsize=(8, 1.6 + 0.7 * len(results)))

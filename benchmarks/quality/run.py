@@ -44,7 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from engines.bench import cpu_description, prepare, run_interleaved  # noqa: E402
+from engines.bench import cpu_description, headless_pyplot, prepare, run_interleaved  # noqa: E402
 from lowdiff.cli import CLIError, _load_split  # noqa: E402
 from lowdiff.configs import get_config  # noqa: E402
 from lowdiff.counting import build_denoiser, stage_gflops  # noqa: E402
@@ -220,12 +220,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def write_plot(report: dict[str, Any], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = headless_pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     styles = {"LowDiff": ("#219ebc", "o"), "EDM": ("#fb8500", "s")}
