@@ -11,8 +11,10 @@ stage's own :meth:`StageSchedule.sigmas` and :meth:`~StageSchedule.step_orders`:
 replaces only the denoiser call, whose σ arguments are looked up in device tensors prepared from
 the same ``sigmas()`` before capture (a graph cannot copy from host memory while capturing).
 
-Not run here: this machine and CI have no GPU. On a CPU-only machine :func:`cudagraph_runners`
-raises :class:`engines.EngineUnavailable` naming what is missing.
+CI has no GPU, so no test runs this; it was checked on an H100 with ``scripts/gpu_check.py``
+(parity with the CPU reference, determinism, speed: benchmarks/gpu/). Everything a graph reads must
+stay allocated as long as the graph lives (see ``_Captured``). On a CPU-only machine
+:func:`cudagraph_runners` raises :class:`engines.EngineUnavailable` naming what is missing.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ class _Captured:
     condition: torch.Tensor | None
     sigma_cond: torch.Tensor | None
     out: torch.Tensor  # static output, read after each replay
+    # The σ tensors the graph reads. Held here because a graph does not own the memory it was
+    # captured with: once freed, the allocator hands it out again and replays read garbage.
+    sigma_table: dict[float, torch.Tensor]
 
 
 class CudaGraphStage:
@@ -99,7 +104,6 @@ class CudaGraphStage:
             sigma_cond: torch.Tensor | None,
         ) -> torch.Tensor:
             sigma_dev = sigma_table[float(sigma[0])]  # sigma is a host tensor filled with one value
-            x = x.contiguous(memory_format=torch.channels_last)
             autocast = torch.autocast(
                 self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False
             )
@@ -116,10 +120,12 @@ class CudaGraphStage:
         labels = torch.zeros(bucket, dtype=torch.long, device=dev) if self.conditional else None
         condition = torch.zeros(bucket, c, r, r, device=dev) if self.conditioned else None
         sigma_cond = torch.ones(bucket, device=dev) if self.conditioned else None
-        fn = self.stage_fn(self.sigma_table(stage, bucket), sigma_cond)
+        sigma_table = self.sigma_table(stage, bucket)
+        fn = self.stage_fn(sigma_table, sigma_cond)
         placeholder = 1.0 if self.conditioned else None  # the real value sits in the static buffer
 
         # Warm up on a side stream first (cuDNN/cuBLAS choose kernels and allocate workspaces).
+        # (cuDNN's benchmark mode was tried here on an H100: no measurable gain, so it is left off.)
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
@@ -131,7 +137,7 @@ class CudaGraphStage:
         # copied to the host right after its replay, before any other graph runs.
         with torch.cuda.graph(graph, pool=self.pool):
             out = heun_stage(stage, fn, noise, labels, condition, placeholder)
-        captured = _Captured(graph, noise, labels, condition, sigma_cond, out)
+        captured = _Captured(graph, noise, labels, condition, sigma_cond, out, sigma_table)
         self.graphs[(stage, bucket)] = captured
         return captured
 
@@ -199,7 +205,7 @@ def cudagraph_runners(
         )
     if dev.type != "cuda":
         raise ValueError(f"engine 'cudagraph' runs on device 'cuda', not {device!r} (pass --device cuda)")
-    denoiser = copy.deepcopy(model.denoiser).to(dev).to(memory_format=torch.channels_last).eval()
+    denoiser = copy.deepcopy(model.denoiser).to(dev).eval()  # NCHW: see engines/torch_eager.py
     pool = torch.cuda.graph_pool_handle()
     config = model.config
     runners: dict[int, StageRunner] = {}

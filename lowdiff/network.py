@@ -172,6 +172,9 @@ class UnifiedUNet(nn.Module):
         self.map_augment = Linear(c.augment_dim, noise_channels, bias=False) if c.augment_dim else None
         # One-hot stage index → embedding; absent for a single-resolution (EDM) network.
         self.map_resolution = Linear(len(c.resolutions), noise_channels, bias=False) if len(c.resolutions) > 1 else None
+        # The one-hot resolution codes live on the module's device: building one per call would copy a
+        # host value into device memory, which CUDA-graph capture forbids. Not saved (derived).
+        self.register_buffer("resolution_onehots", torch.eye(len(c.resolutions)), persistent=False)
         self.map_layer0 = Linear(noise_channels, emb_channels)
         self.map_layer1 = Linear(emb_channels, emb_channels)
 
@@ -250,8 +253,7 @@ class UnifiedUNet(nn.Module):
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels.to(emb.dtype))
         if self.map_resolution is not None:
-            onehot = torch.zeros(len(self.config.resolutions), dtype=emb.dtype, device=emb.device)
-            onehot[stage_index] = 1.0
+            onehot = self.resolution_onehots[stage_index].to(emb.dtype)
             emb = emb + self.map_resolution(onehot)[None, :]
         emb = F.silu(self.map_layer0(emb))
         return F.silu(self.map_layer1(emb))

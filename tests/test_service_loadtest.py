@@ -61,3 +61,36 @@ def test_locust_smoke_against_default_model(tmp_path: Path) -> None:
             except subprocess.TimeoutExpired:
                 server.kill()
     assert server.returncode == 0, log_path.read_text()[-3000:]
+
+
+def test_saturation_keepalive_users_against_live_server() -> None:
+    """The sweep's own HTTP client (loadtests/saturation.py) against the real app: every request answered
+    with a PNG, batches formed from several users, errors counted rather than raised."""
+    sys.path.insert(0, str(ROOT / "loadtests"))
+    import asyncio
+
+    from saturation import KeepAliveClient, sweep_point
+
+    from service.app import create_app
+    from service.settings import ServeSettings
+    from tests.service_support import FakeEngine, LiveServer
+
+    engine = FakeEngine()
+    with LiveServer(create_app(ServeSettings(max_batch=8, max_delay_ms=20), engine=engine)) as srv:
+        srv.wait_ready()
+        info = httpx.get(srv.url + "/v1/models").json()
+        row = asyncio.run(sweep_point(srv.url, 8, 0.3, 1.5, info))
+        assert row["failures"] == 0
+        assert row["requests_in_window"] > 8
+        assert row["mean_batch_size"] > 1  # several users' single-image requests shared batches
+
+        async def bad_request() -> tuple[int, bytes]:
+            host, port = srv.url.removeprefix("http://").split(":")
+            client = KeepAliveClient(host, int(port))
+            try:
+                return await client.post_json("/generate", {"class_label": 99, "seed": 0}, "image/png")
+            finally:
+                await client.close()
+
+        status, content = asyncio.run(bad_request())
+        assert status == 422 and b"class_label" in content
