@@ -4,9 +4,8 @@ Tensors stay in the default NCHW layout on CUDA too: on an H100 (benchmarks/gpu/
 evaluation at batch 64 took 22.7 ms NCHW vs 29.3 ms channels-last in bf16 (26.0 vs 32.4 ms fp32), so
 the channels-last conversion the engines first used was dropped.
 
-On CUDA the whole stage (the shared Heun loop's float64 solver state included) stays on the GPU:
-inputs go over once per stage and the result comes back once, instead of a host round trip (and a
-synchronisation) around every denoiser evaluation.
+The shared Heun loop runs on the runner's device (``FunctionStage(…, device)``): on CUDA a stage's
+inputs go over once and its result comes back once.
 """
 
 from __future__ import annotations
@@ -17,8 +16,7 @@ import torch
 
 from lowdiff.model import LowDiffModel
 from lowdiff.precond import Denoiser
-from lowdiff.sampler import StageRunner, heun_stage
-from lowdiff.schedule import StageSchedule
+from lowdiff.sampler import FunctionStage, StageRunner
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -35,8 +33,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 class TorchEagerStage:
-    """One stage function: moves inputs to the device (no-op once there), runs the denoiser, returns fp32
-    on the device."""
+    """One stage function: runs the denoiser on the device (host σ tensors moved there), returns fp32 on
+    the device."""
 
     def __init__(self, denoiser: Denoiser, resolution: int, device: torch.device, precision: str):
         self.denoiser = denoiser
@@ -62,22 +60,6 @@ class TorchEagerStage:
             out = self.denoiser(xd, to(sigma), to(class_labels), self.resolution, to(condition), to(sigma_cond))
         return out.float()
 
-    @torch.no_grad()
-    def run_stage(
-        self,
-        stage: StageSchedule,
-        noise: torch.Tensor,
-        class_labels: torch.Tensor | None,
-        condition: torch.Tensor | None,
-        sigma_cond: float | None,
-    ) -> torch.Tensor:
-        """The shared Heun loop with its state on this runner's device; the result on the CPU."""
-
-        def to(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(self.device)
-
-        return heun_stage(stage, self, to(noise), to(class_labels), to(condition), sigma_cond).cpu()
-
 
 def torch_runners(model: LowDiffModel, device: str, precision: str) -> dict[int, StageRunner]:
     if precision not in PRECISIONS:
@@ -89,4 +71,4 @@ def torch_runners(model: LowDiffModel, device: str, precision: str) -> dict[int,
         raise ValueError("precision: the CPU path runs fp32 or bf16 (fp16 is for CUDA)")
     denoiser = model.denoiser if dev.type == "cpu" else copy.deepcopy(model.denoiser).to(dev)
     denoiser.eval()
-    return {r: TorchEagerStage(denoiser, r, dev, precision) for r in model.config.resolutions}
+    return {r: FunctionStage(TorchEagerStage(denoiser, r, dev, precision), dev) for r in model.config.resolutions}

@@ -275,11 +275,12 @@ async def sweep_point(url: str, users: int, ramp_s: float, window_s: float, info
 def write_plot(
     rows: list[dict[str, Any]], bench_ips: float, path: Path, title: str, reference: str = "lowdiff bench"
 ) -> None:
-    import matplotlib
+    from engines.bench import headless_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = headless_pyplot()
+    if plt is None:
+        print("plot skipped: matplotlib is not installed (pip install matplotlib)")
+        return
     users = [r["users"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(users, [r["images_per_s"] for r in rows], "o-", label="service")

@@ -2,10 +2,11 @@
 
 On a GPU a fashion32 batch of 64 takes ~0.1 s, so what the service adds per request (HTTP, validation,
 batching, PNG encoding, waking the engine thread) decides throughput; on a CPU, batches take seconds and
-hide it. This tool serves the real app (``service.app.create_app``) with :class:`SimulatedEngine`: every
-batch does the cascade's real host-side work (per-seed starting noise, uint8 conversion) and waits
-``--batch-ms`` in ``--waits`` sleeps with the GIL released, as an engine thread waiting on a GPU does,
-whatever the batch size. Ideal throughput is ``max_batch / batch time``; the closed-loop users of
+hide it. This tool serves the real app (``service.app.create_app``) with a real
+:class:`engines.CascadeEngine` whose stages only wait: every batch does the cascade's real host-side
+work (per-seed starting noise, hand-off upsampling, uint8 conversion) and waits ``--batch-ms`` in all,
+one sleep per stage with the GIL released, as an engine thread synchronising with a GPU does, whatever
+the batch size. Ideal throughput is ``max_batch / batch time``; the closed-loop users of
 ``loadtests/saturation.py`` show how close the service gets.
 
     python loadtests/service_overhead.py --batch-ms 100 --users 16,64,256 --out-dir runs/service-overhead
@@ -24,7 +25,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,58 +42,45 @@ def serve(args: argparse.Namespace) -> None:
     import torch
     import uvicorn
 
+    from engines import CascadeEngine
     from lowdiff.model import LowDiffModel
-    from lowdiff.sampler import initial_noise, to_uint8
+    from lowdiff.schedule import StageSchedule
     from service.app import create_app
     from service.settings import ServeSettings
 
     torch.set_num_threads(1)
     model = LowDiffModel.load(None)
-    config = model.config
-    wait_s = args.batch_ms / 1000 / args.waits
+    wait_s = args.batch_ms / 1000 / len(model.config.schedule.stages)
 
-    class SimulatedEngine:
-        def generate(
+    class SimulatedStage:
+        """Waits instead of computing (GIL released, like an engine thread syncing with a GPU once per
+        stage) and hands its noise on as the stage's result."""
+
+        def run_stage(
             self,
-            seeds: Sequence[int],
-            class_labels: Sequence[int] | None = None,
-            on_stage: Callable[[int, float], None] | None = None,
+            stage: StageSchedule,
+            noise: torch.Tensor,
+            class_labels: torch.Tensor | None,
+            condition: torch.Tensor | None,
+            sigma_cond: float | None,
         ) -> torch.Tensor:
-            noises = initial_noise(seeds, config.schedule, config.network.img_channels)
-            for _ in range(args.waits):
-                time.sleep(wait_s)
-            return to_uint8(noises[-1].clip(-1, 1))
+            time.sleep(wait_s)
+            return noise.clip(-1, 1)
 
-        def warmup(self, batch_size: int = 1) -> None:
-            self.generate(list(range(batch_size)), [0] * batch_size)
-
-        def info(self) -> dict[str, Any]:
-            return {
-                "model": f"{config.name} (simulated engine, {args.batch_ms:g} ms per batch)",
-                "engine": "simulated",
-                "device": "none",
-                "precision": "fp32",
-                "resolutions": list(config.resolutions),
-                "nfe_per_stage": list(config.schedule.nfe),
-                "schedule": config.schedule.to_dict(),
-                "conditional": config.conditional,
-                "num_classes": config.num_classes,
-                "image_channels": config.network.img_channels,
-                "checkpoint_sha256": None,
-                "engine_dir": None,
-            }
-
+    # The real engine front (run_cascade's host work: per-seed noise, hand-off upsampling, uint8) with
+    # simulated stages, so the service sees exactly what it sees in front of a GPU engine.
+    runners = {r: SimulatedStage() for r in model.config.resolutions}
+    engine = CascadeEngine(model, runners, "simulated", "none", "fp32")
     settings = ServeSettings(
         port=args.port, max_batch=args.max_batch, max_queue=4096, timeout_s=600, log_level="warning"
     )
-    app = create_app(settings, model=model, engine=SimulatedEngine())
+    app = create_app(settings, model=model, engine=engine)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-ms", type=float, default=100.0, help="simulated engine time per batch, any size")
-    p.add_argument("--waits", type=int, default=6, help="GPU waits per batch (the batch time is split over them)")
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--users", default="16,64,256")
     p.add_argument("--ramp-s", type=float, default=3.0)
@@ -102,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the server process
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.batch_ms <= 0 or args.waits < 1 or args.max_batch < 1:
-        p.error("--batch-ms, --waits and --max-batch must be positive")
+    if args.batch_ms <= 0 or args.max_batch < 1:
+        p.error("--batch-ms and --max-batch must be positive")
     if args.serve:
         serve(args)
         return 0
@@ -112,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, __file__, "--serve", "--port", str(port), "--batch-ms", str(args.batch_ms),
-           "--waits", str(args.waits), "--max-batch", str(args.max_batch)]  # fmt: skip
+           "--max-batch", str(args.max_batch)]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     ideal = args.max_batch / (args.batch_ms / 1000)
     rows: list[dict[str, Any]] = []
@@ -140,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": "python loadtests/service_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "batch_ms": args.batch_ms,
-        "waits": args.waits,
         "max_batch": args.max_batch,
         "ideal_images_per_s": ideal,
         "cpus": os.cpu_count(),
