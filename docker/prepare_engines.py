@@ -23,7 +23,6 @@ temporary folder and renamed into place, so concurrent pods never see half an ex
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import socket
@@ -50,11 +49,9 @@ def checkpoint_path() -> Path:
 
 
 def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    from lowdiff.hashing import file_sha256
+
+    return file_sha256(path)[:16]
 
 
 def tensorrt_target() -> str:
@@ -105,7 +102,7 @@ def build(folder: Path, export_args: list[str], rebuild: bool) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     scratch = folder.parent / f".{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(scratch, ignore_errors=True)
-    command = [sys.executable, "-m", "lowdiff.cli", "export", *export_args, "--out", str(scratch)]
+    command = [sys.executable, "-m", "lowdiff", "export", *export_args, "--out", str(scratch)]
     print(f"lowdiff-prepare-engines: building {folder.name}: {' '.join(command[1:])}", file=sys.stderr, flush=True)
     result = subprocess.run(command, check=False)
     if result.returncode != 0:

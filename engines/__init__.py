@@ -1,31 +1,64 @@
 """Runtimes that execute the cascade: one stage runner per resolution, one shared schedule.
 
 :class:`CascadeEngine` is what callers (the CLI, the benchmark, the HTTP service) hold: a model's
-cascade bound to one runtime, loaded and warmed once. Each runtime provides stage runners
-(:class:`lowdiff.sampler.StageRunner`); the cascade loop itself is always
-:func:`lowdiff.sampler.run_cascade`, driven by the model's :class:`~lowdiff.schedule.CascadeSchedule`.
+cascade bound to one runtime, loaded and warmed once. It owns generation: it validates the labels
+(:mod:`lowdiff.requests`) and calls :func:`lowdiff.sampler.generate_images` with its runners. Each
+runtime provides those stage runners (:class:`lowdiff.sampler.StageRunner`); the cascade loop is
+always the sampler's, driven by the model's :class:`~lowdiff.schedule.CascadeSchedule`.
+
+A new runtime: a module here with ``<name>_runners(model, …) -> {resolution: StageRunner}``, one
+branch in :func:`load_engine`, its name in :data:`ENGINE_KINDS`.
 """
 
 from __future__ import annotations
 
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lowdiff.errors import ConfigError, EngineUnavailable, SettingsError
 from lowdiff.model import LowDiffModel
-from lowdiff.sampler import StageCallback, StageRunner
+from lowdiff.requests import check_class_labels, labels_tensor
+from lowdiff.sampler import StageCallback, StageRunner, generate_images
 
 # torch: PyTorch eager (CPU/CUDA). cudagraph: PyTorch with each stage captured as CUDA graphs (GPU).
 # onnxruntime: the exported per-stage ONNX graphs (CPU EP; CUDA/TensorRT EPs on a GPU).
 # tensorrt: per-stage TensorRT engines (GPU; written against the docs, never run here).
 ENGINE_KINDS = ("torch", "cudagraph", "onnxruntime", "tensorrt")
+ENGINES_WITH_DIR = ("onnxruntime", "tensorrt")
 
 
-class EngineUnavailable(RuntimeError):
-    """The requested runtime is not usable on this machine (missing library or device)."""
+@dataclass(frozen=True)
+class EngineInfo:
+    """What an engine serves and how: typed, and JSON for ``/v1/models`` by :meth:`to_dict`."""
+
+    model: str
+    engine: str
+    device: str
+    precision: str
+    resolutions: tuple[int, ...]
+    nfe_per_stage: tuple[int, ...]
+    schedule: dict[str, Any]
+    conditional: bool
+    num_classes: int
+    image_channels: int
+    image_resolution: int
+    checkpoint_sha256: str | None
+    engine_dir: str | None
+
+    @property
+    def name(self) -> str:
+        return self.model
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["resolutions"] = list(self.resolutions)
+        out["nfe_per_stage"] = list(self.nfe_per_stage)
+        return out
 
 
 class CascadeEngine:
@@ -39,7 +72,7 @@ class CascadeEngine:
     ):
         missing = set(model.config.resolutions) - set(runners)
         if missing:
-            raise ValueError(f"engine {kind!r} has no runner for stage(s) {sorted(missing)}")
+            raise ConfigError(f"engine {kind!r} has no runner for stage(s) {sorted(missing)}", "engine")
         self.model = model
         self.runners = dict(runners)
         self.kind = kind
@@ -48,6 +81,10 @@ class CascadeEngine:
         self.engine_dir: str | None = None
         self.scratch: tempfile.TemporaryDirectory | None = None
 
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
     def generate(
         self,
         seeds: Sequence[int],
@@ -55,28 +92,55 @@ class CascadeEngine:
         on_stage: StageCallback | None = None,
     ) -> torch.Tensor:
         """uint8 images [B, C, R, R]; image i depends only on (class_labels[i], seeds[i])."""
-        return self.model.generate(seeds, class_labels, runners=self.runners, on_stage=on_stage)
+        config = self.model.config
+        labels = labels_tensor(check_class_labels(config, class_labels, len(seeds)))
+        return generate_images(config.schedule, self.runners, seeds, labels, config.network.img_channels, on_stage)
 
     def warmup(self, batch_size: int = 1) -> None:
         labels = [0] * batch_size if self.model.config.conditional else None
         self.generate(list(range(batch_size)), labels)
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> EngineInfo:
         config = self.model.config
-        return {
-            "model": config.name,
-            "engine": self.kind,
-            "device": self.device,
-            "precision": self.precision,
-            "resolutions": list(config.resolutions),
-            "nfe_per_stage": list(config.schedule.nfe),
-            "schedule": config.schedule.to_dict(),
-            "conditional": config.conditional,
-            "num_classes": config.num_classes,
-            "image_channels": config.network.img_channels,
-            "checkpoint_sha256": self.model.metadata.get("checkpoint_sha256"),
-            "engine_dir": self.engine_dir,
-        }
+        return EngineInfo(
+            model=config.name,
+            engine=self.kind,
+            device=self.device,
+            precision=self.precision,
+            resolutions=tuple(config.resolutions),
+            nfe_per_stage=tuple(config.schedule.nfe),
+            schedule=config.schedule.to_dict(),
+            conditional=config.conditional,
+            num_classes=config.num_classes,
+            image_channels=config.network.img_channels,
+            image_resolution=config.network.img_resolution,
+            checkpoint_sha256=self.model.metadata.get("checkpoint_sha256"),
+            engine_dir=self.engine_dir,
+        )
+
+
+def check_engine_options(kind: str, engine_dir: str | Path | None, device: str = "cpu") -> None:
+    """What can be refused before any loading (``lowdiff serve`` does it before the port opens): an
+    unknown kind, a folder the kind would ignore or need, a GPU runtime on a machine without a GPU."""
+    if kind not in ENGINE_KINDS:
+        raise SettingsError(f"unknown engine {kind!r}; available: {', '.join(ENGINE_KINDS)}", "engine")
+    if engine_dir is not None and kind not in ENGINES_WITH_DIR:
+        raise SettingsError(
+            f"engine {kind!r} does not use an engine folder (only {' and '.join(ENGINES_WITH_DIR)} do)", "engine_dir"
+        )
+    if engine_dir is None and kind == "tensorrt":
+        raise SettingsError(
+            "engine 'tensorrt' needs one: build it with `lowdiff export --format tensorrt`", "engine_dir"
+        )
+    if engine_dir is not None and not Path(engine_dir).is_dir():
+        raise SettingsError(f"not a folder: {engine_dir}", "engine_dir")
+    needs_gpu = kind in ("cudagraph", "tensorrt") or device.startswith("cuda")
+    if needs_gpu and not torch.cuda.is_available():
+        raise EngineUnavailable(
+            f"{kind!r} on {device!r} needs an NVIDIA GPU and a CUDA build of torch; this machine has torch "
+            f"{torch.__version__} and no usable GPU (use --engine torch --device cpu)",
+            "device" if kind in ("torch", "onnxruntime") else "engine",
+        )
 
 
 def load_engine(
@@ -96,38 +160,34 @@ def load_engine(
     (TensorRT engines take minutes to build, so ``tensorrt`` needs a prebuilt folder). ``threads``
     sets ONNX Runtime's intra-op threads (default: torch's). With ``warmup`` the engine
     runs one batch-1 cascade before it is returned, so the first real request pays no set-up cost.
+    Every refusal is a :class:`lowdiff.errors.LowDiffError` naming the option concerned.
     """
+    check_engine_options(kind, engine_dir, device)
+    scratch = None
     if kind == "torch":
-        from engines.torch_eager import torch_runners
+        from lowdiff.engines.torch_eager import torch_runners
 
-        engine = CascadeEngine(model, torch_runners(model, device, precision), kind, device, precision)
+        runners = torch_runners(model, device, precision)
     elif kind == "cudagraph":
-        from engines.cudagraph import cudagraph_runners
+        from lowdiff.engines.cudagraph import cudagraph_runners
 
-        engine = CascadeEngine(model, cudagraph_runners(model, device, precision), kind, device, precision)
+        runners = cudagraph_runners(model, device, precision)
     elif kind == "onnxruntime":
-        from engines.onnxruntime_engine import onnxruntime_runners, providers_for
+        from lowdiff.engines.onnxruntime_engine import onnxruntime_runners, providers_for
 
         providers_for(device)  # fail on a missing runtime or provider before spending time on export
-        scratch = None
         if engine_dir is None:
-            from export.onnx_stages import export_onnx
+            from lowdiff.export.onnx_stages import export_onnx
 
             scratch = tempfile.TemporaryDirectory(prefix=f"lowdiff-onnx-{model.config.name}-")
             export_onnx(model, scratch.name)
-            runners = onnxruntime_runners(model, scratch.name, device, precision, threads)
-        else:
-            runners = onnxruntime_runners(model, engine_dir, device, precision, threads)
-        engine = CascadeEngine(model, runners, kind, device, precision)
-        engine.scratch = scratch  # the temporary export lives (and is removed) with the engine
-    elif kind == "tensorrt":
-        from engines.tensorrt_engine import tensorrt_runners
+        runners = onnxruntime_runners(model, engine_dir or scratch.name, device, precision, threads)
+    else:  # tensorrt
+        from lowdiff.engines.tensorrt_engine import tensorrt_runners
 
-        if engine_dir is None:
-            raise ValueError("engine 'tensorrt' needs engine_dir: build one with `lowdiff export --format tensorrt`")
-        engine = CascadeEngine(model, tensorrt_runners(model, engine_dir, device, precision), kind, device, precision)
-    else:
-        raise ValueError(f"unknown engine {kind!r}; available: {', '.join(ENGINE_KINDS)}")
+        runners = tensorrt_runners(model, engine_dir, device, precision)  # type: ignore[arg-type]
+    engine = CascadeEngine(model, runners, kind, device, precision)
+    engine.scratch = scratch  # a temporary export lives (and is removed) with the engine
     engine.engine_dir = None if engine_dir is None else str(engine_dir)
     if warmup:
         engine.warmup()

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engines.torch_eager import PRECISIONS
-from lowdiff.model import LowDiffModel
+from lowdiff.engines.torch_eager import resolve_device
+from lowdiff.errors import EngineUnavailable, SettingsError
+from lowdiff.model import PRECISIONS, LowDiffModel
 from lowdiff.precond import Denoiser
 from lowdiff.sampler import StageRunner, heun_stage
 from lowdiff.schedule import StageSchedule
@@ -192,19 +193,17 @@ def cudagraph_runners(
     capture: bool = True,
 ) -> dict[int, StageRunner]:
     """One graph-replaying runner per stage; with ``capture`` every (stage, bucket) is captured now."""
-    from engines import EngineUnavailable
-
     if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    dev = torch.device(device)
+        raise SettingsError(f"expected one of {', '.join(PRECISIONS)}, got {precision!r}", "precision")
     if not torch.cuda.is_available():
         raise EngineUnavailable(
-            f"engine 'cudagraph': CUDA graphs need an NVIDIA GPU and a CUDA build of torch; this machine has "
-            f"torch {torch.__version__} with CUDA {'available' if torch.backends.cuda.is_built() else 'not built'}"
-            " and no usable GPU"
+            f"'cudagraph' needs an NVIDIA GPU and a CUDA build of torch; this machine has torch "
+            f"{torch.__version__} with CUDA {'available' if torch.backends.cuda.is_built() else 'not built'}"
+            " and no usable GPU (use --engine torch)"
         )
+    dev = resolve_device(device)
     if dev.type != "cuda":
-        raise ValueError(f"engine 'cudagraph' runs on device 'cuda', not {device!r} (pass --device cuda)")
+        raise SettingsError(f"engine 'cudagraph' runs on 'cuda', not {device!r} (pass --device cuda)", "device")
     denoiser = copy.deepcopy(model.denoiser).to(dev).eval()  # NCHW: see engines/torch_eager.py
     pool = torch.cuda.graph_pool_handle()
     config = model.config

@@ -4,7 +4,7 @@ Each session evaluates one stage's exported graph (export/onnx_stages.py); the s
 (:func:`lowdiff.sampler.heun_stage`, via :class:`FunctionStage`) drives it with the model's own
 schedule. CPU uses the CPU execution provider with all graph optimizations; on ``cuda`` the
 TensorRT and CUDA providers are used when this onnxruntime build has them, and their absence is
-an :class:`engines.EngineUnavailable`, not a silent fall-back to the CPU.
+an :class:`lowdiff.errors.EngineUnavailable`, not a silent fall-back to the CPU.
 """
 
 from __future__ import annotations
@@ -15,28 +15,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.manifest import OUTPUT, check_model_matches, read_manifest
+from lowdiff.errors import EngineUnavailable, SettingsError
+from lowdiff.export.manifest import OUTPUT, check_model_matches, read_manifest, stage_file
 from lowdiff.model import LowDiffModel
 from lowdiff.sampler import FunctionStage, StageRunner
 
 
-def _import_ort() -> Any:
-    from engines import EngineUnavailable
-
+def import_onnxruntime() -> Any:
     try:
         import onnxruntime
     except ImportError:
         raise EngineUnavailable(
-            "engine 'onnxruntime': the onnxruntime package is not installed (pip install onnxruntime)"
+            "'onnxruntime': the onnxruntime package is not installed (pip install onnxruntime)"
         ) from None
     return onnxruntime
 
 
 def providers_for(device: str) -> list[str]:
     """Execution providers for ``device``, best first; raises EngineUnavailable when none fits."""
-    from engines import EngineUnavailable
-
-    ort = _import_ort()
+    ort = import_onnxruntime()
     available = ort.get_available_providers()
     if device == "cpu":
         return ["CPUExecutionProvider"]
@@ -44,11 +41,11 @@ def providers_for(device: str) -> list[str]:
         gpu = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
         if not gpu:
             raise EngineUnavailable(
-                f"engine 'onnxruntime' on {device!r}: this onnxruntime build has no CUDA or TensorRT execution "
+                f"'onnxruntime' on {device!r}: this onnxruntime build has no CUDA or TensorRT execution "
                 f"provider (available: {', '.join(available)}); install onnxruntime-gpu"
             )
         return [*gpu, "CPUExecutionProvider"]
-    raise ValueError(f"device {device!r}: expected 'cpu' or 'cuda'")
+    raise SettingsError(f"expected 'cpu' or 'cuda', got {device!r}", "device")
 
 
 class OrtStage:
@@ -80,7 +77,7 @@ class OrtStage:
 
 
 def session_options(threads: int | None) -> Any:
-    ort = _import_ort()
+    ort = import_onnxruntime()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -99,15 +96,15 @@ def onnxruntime_runners(
 ) -> dict[int, StageRunner]:
     """Stage runners from an exported folder; refuses a folder exported from other weights."""
     if precision != "fp32":
-        raise ValueError("precision: the ONNX engines are exported in fp32 (fp16 is TensorRT's)")
-    ort = _import_ort()
+        raise SettingsError("the ONNX engines are exported in fp32 (fp16 is TensorRT's)", "precision")
+    ort = import_onnxruntime()
     manifest = read_manifest(engine_dir, expected_format="onnx")
     check_model_matches(manifest, model, engine_dir)
     providers = providers_for(device)
     options = session_options(threads)
     runners: dict[int, StageRunner] = {}
     for stage in manifest["stages"]:
-        path = Path(engine_dir) / stage["file"]
+        path = stage_file(engine_dir, stage)
         session = ort.InferenceSession(str(path), options, providers=providers)
         names = [i["name"] for i in stage["inputs"]]
         runners[int(stage["resolution"])] = FunctionStage(OrtStage(session, names))

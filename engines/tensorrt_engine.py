@@ -1,8 +1,8 @@
 """TensorRT stage runners: one deserialized engine and execution context per stage.
 
-NOT RUN HERE: written against the TensorRT 10 Python API documentation; our build, test and GPU
-machines have no TensorRT (see export/tensorrt_build.py). Import-guarded: a machine without the
-``tensorrt`` package or without a GPU gets :class:`engines.EngineUnavailable`, and an engine
+Written against the TensorRT 10 Python API documentation (whether it has run anywhere: README,
+"Deployment"). Import-guarded: a machine without the
+``tensorrt`` package or without a GPU gets :class:`lowdiff.errors.EngineUnavailable`, and an engine
 folder built on another GPU architecture or TensorRT version is refused with a message to rebuild.
 
 Per call, inputs are copied into preallocated device buffers sized for the profile's largest
@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from export.manifest import OUTPUT, ManifestError, check_model_matches, read_manifest
-from export.tensorrt_build import engine_file_name, gpu_compute_capability, import_tensorrt
+from lowdiff.errors import ManifestError
+from lowdiff.export.manifest import OUTPUT, check_model_matches, read_manifest, stage_file
+from lowdiff.export.tensorrt_build import engine_file_name, gpu_compute_capability, import_tensorrt
 from lowdiff.model import LowDiffModel
 from lowdiff.sampler import FunctionStage, StageRunner
 
@@ -107,7 +108,7 @@ def tensorrt_runners(
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     runners: dict[int, StageRunner] = {}
     for stage in manifest["stages"]:
-        engine = runtime.deserialize_cuda_engine((engine_dir / stage["file"]).read_bytes())
+        engine = runtime.deserialize_cuda_engine(stage_file(engine_dir, stage).read_bytes())
         if engine is None:
             raise EngineMismatch(f"{engine_dir / stage['file']}: TensorRT could not deserialize it; rebuild it here")
         runners[int(stage["resolution"])] = FunctionStage(TrtStage(engine, stage, int(manifest["batch"]["max"]), dev))

@@ -14,61 +14,33 @@ import copy
 
 import torch
 
-from lowdiff.model import LowDiffModel
-from lowdiff.precond import Denoiser
+from lowdiff.errors import EngineUnavailable, SettingsError
+from lowdiff.model import PRECISIONS, LowDiffModel, TorchStage
 from lowdiff.sampler import FunctionStage, StageRunner
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(device: str) -> torch.device:
-    from engines import EngineUnavailable
-
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EngineUnavailable(f"device {device!r}: no CUDA GPU on this machine (torch {torch.__version__})")
+    """A torch device for ``device`` ('cpu', 'cuda', 'cuda:N'); a missing GPU is :class:`EngineUnavailable`."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise SettingsError(f"expected 'cpu' or 'cuda', got {device!r}", "device") from None
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r}: expected 'cpu' or 'cuda'")
+        raise SettingsError(f"expected 'cpu' or 'cuda', got {device!r}", "device")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EngineUnavailable(f"no CUDA GPU on this machine (torch {torch.__version__}); use --device cpu", "device")
     return dev
 
 
-class TorchEagerStage:
-    """One stage function: runs the denoiser on the device (host σ tensors moved there), returns fp32 on
-    the device."""
-
-    def __init__(self, denoiser: Denoiser, resolution: int, device: torch.device, precision: str):
-        self.denoiser = denoiser
-        self.resolution = resolution
-        self.device = device
-        self.autocast_dtype = PRECISIONS[precision]
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        x: torch.Tensor,
-        sigma: torch.Tensor,
-        class_labels: torch.Tensor | None,
-        condition: torch.Tensor | None,
-        sigma_cond: torch.Tensor | None,
-    ) -> torch.Tensor:
-        def to(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(self.device, non_blocking=True)
-
-        xd = to(x)
-        enabled = self.autocast_dtype is not None
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=enabled):
-            out = self.denoiser(xd, to(sigma), to(class_labels), self.resolution, to(condition), to(sigma_cond))
-        return out.float()
-
-
 def torch_runners(model: LowDiffModel, device: str, precision: str) -> dict[int, StageRunner]:
+    """The reference stage function (:class:`lowdiff.model.TorchStage`) on ``device`` with the shared Heun loop."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        raise SettingsError(f"expected one of {', '.join(PRECISIONS)}, got {precision!r}", "precision")
     dev = resolve_device(device)
     if dev.type == "cpu" and precision == "fp16":
         # bf16 autocast on the CPU runs convolutions on AMX / AVX512-BF16 where the CPU has them
         # (about 2× fp32 on Sapphire Rapids, see benchmarks/); fp16 has no fast CPU kernels.
-        raise ValueError("precision: the CPU path runs fp32 or bf16 (fp16 is for CUDA)")
+        raise SettingsError("the CPU runs fp32 or bf16 (fp16 is for CUDA)", "precision")
     denoiser = model.denoiser if dev.type == "cpu" else copy.deepcopy(model.denoiser).to(dev)
     denoiser.eval()
-    return {r: FunctionStage(TorchEagerStage(denoiser, r, dev, precision), dev) for r in model.config.resolutions}
+    return {r: FunctionStage(TorchStage(denoiser, r, dev, precision), dev) for r in model.config.resolutions}

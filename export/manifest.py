@@ -8,12 +8,12 @@ from the model it is asked to serve, instead of silently generating with other w
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-import torch
+from lowdiff.errors import ManifestError
+from lowdiff.hashing import file_sha256, weights_sha256
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "lowdiff-engines-v1"
@@ -29,20 +29,6 @@ INPUT_LABELS = "class_labels"
 INPUT_CONDITION = "condition"
 INPUT_SIGMA_COND = "sigma_cond"
 OUTPUT = "denoised"
-
-
-class ManifestError(ValueError):
-    """An engine folder that is missing, malformed, or exported from another model."""
-
-
-def weights_sha256(module: torch.nn.Module) -> str:
-    """A fingerprint of a module's weights (names, shapes, dtypes, values), independent of file format."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        digest.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def stage_input_names(stage_index: int, conditional: bool) -> list[str]:
@@ -86,16 +72,43 @@ def read_manifest(engine_dir: str | Path, expected_format: str | None = None) ->
         raise ManifestError(f"{engine_dir}: no {MANIFEST_NAME} (export one with `lowdiff export`)")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path}: not valid JSON ({exc})") from None
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ManifestError(f"{path}: not a LowDiff engine manifest (format {manifest.get('format')!r})")
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ManifestError(f"{path}: not a LowDiff engine manifest")
     if expected_format is not None and manifest.get("engine_format") != expected_format:
         raise ManifestError(
             f"{path}: holds {manifest.get('engine_format')!r} engines, not {expected_format!r}; "
             f"export with `lowdiff export --format {expected_format}`"
         )
+    stages = manifest.get("stages")
+    if not isinstance(stages, list) or not stages or not all(isinstance(st, dict) for st in stages):
+        raise ManifestError(f"{path}: 'stages' must be a non-empty list of objects")
+    if not isinstance(manifest.get("weights_sha256"), str):
+        raise ManifestError(f"{path}: 'weights_sha256' is missing")
     return manifest
+
+
+def stage_file(engine_dir: str | Path, stage: dict[str, Any]) -> Path:
+    """The verified path of one stage's file: inside ``engine_dir`` and with the manifest's sha256.
+
+    Nothing in a manifest is trusted: a ``file`` that is absolute, climbs out with ``..`` or a
+    symlink, or whose bytes differ from the recorded ``sha256`` (a replaced graph) is refused."""
+    folder = Path(engine_dir).resolve()
+    name = stage.get("file")
+    if not isinstance(name, str) or not name:
+        raise ManifestError(f"{engine_dir}: a stage has no 'file'")
+    path = (folder / name).resolve()
+    if Path(name).is_absolute() or not path.is_relative_to(folder):
+        raise ManifestError(f"{engine_dir}: stage file {name!r} is outside the engine folder")
+    if not path.is_file():
+        raise ManifestError(f"{engine_dir}: stage file {name} is missing")
+    expected = stage.get("sha256")
+    if not isinstance(expected, str) or len(expected) != 64:
+        raise ManifestError(f"{engine_dir}: stage file {name} has no sha256 in the manifest; re-export")
+    if file_sha256(path) != expected.lower():
+        raise ManifestError(f"{engine_dir}: {name} does not match its sha256 in the manifest (modified?); re-export")
+    return path
 
 
 def check_model_matches(manifest: dict[str, Any], model: Any, engine_dir: str | Path) -> None:

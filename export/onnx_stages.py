@@ -14,7 +14,6 @@ for CI. CI tests the default; the dynamo path was checked for parity by hand (ti
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import platform
 import warnings
@@ -25,7 +24,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from export.manifest import MANIFEST_FORMAT, OUTPUT, stage_input_names, stage_io, weights_sha256, write_manifest
+from lowdiff.errors import ConfigError
+from lowdiff.export.manifest import MANIFEST_FORMAT, OUTPUT, stage_input_names, stage_io, write_manifest
+from lowdiff.hashing import file_sha256, weights_sha256
 from lowdiff.model import LowDiffModel, config_to_dict
 from lowdiff.precond import Denoiser
 
@@ -141,11 +142,7 @@ def _export_stage(graph: StageGraph, args: list[torch.Tensor], path: Path, opset
             )
             program.save(str(path))
         else:
-            raise ValueError(f"exporter {exporter!r}: expected 'torchscript' or 'dynamo'")
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+            raise ConfigError(f"expected 'torchscript' or 'dynamo', got {exporter!r}", "exporter")
 
 
 @torch.no_grad()

@@ -1,10 +1,8 @@
 """TensorRT engines, one per stage, built from the stage's ONNX file with the TensorRT 10 Python API.
 
-NOT RUN HERE. TensorRT cannot be installed in our build and test environment (its libraries are
-not on the package registries we reach, and the GPU test machines do not have it), so this module
-was written against NVIDIA's TensorRT 10 Python API documentation and has never been executed.
-It is import-guarded: without ``tensorrt`` (or without a GPU) it raises
-:class:`engines.EngineUnavailable`; CI tests only that error path and the file naming.
+Written against NVIDIA's TensorRT 10 Python API documentation (whether it has run anywhere, and
+why not: README, "Deployment"). It is import-guarded: without ``tensorrt`` (or without a GPU) it
+raises :class:`lowdiff.errors.EngineUnavailable`; CI tests that error path and the file naming.
 
 Design: fp16 by default (fp32 with ``precision="fp32"``); one optimization profile covering batch
 1…64 (opt 64, the benchmark batch); engine files are named by GPU compute capability and
@@ -19,16 +17,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from export.manifest import MANIFEST_FORMAT, write_manifest
-from export.onnx_stages import MAX_BATCH, export_onnx
+from lowdiff.errors import ConfigError, EngineUnavailable
+from lowdiff.export.manifest import MANIFEST_FORMAT, write_manifest
+from lowdiff.export.onnx_stages import MAX_BATCH, export_onnx
+from lowdiff.hashing import file_sha256
 from lowdiff.model import LowDiffModel
 
 TRT_PRECISIONS = ("fp16", "fp32")
 
 
 def import_tensorrt() -> Any:
-    from engines import EngineUnavailable
-
     try:
         import tensorrt
     except ImportError:
@@ -41,8 +39,6 @@ def import_tensorrt() -> Any:
 
 def gpu_compute_capability() -> tuple[int, int]:
     import torch
-
-    from engines import EngineUnavailable
 
     if not torch.cuda.is_available():
         raise EngineUnavailable("TensorRT: no CUDA GPU on this machine (engines are built for and run on one)")
@@ -89,7 +85,9 @@ def export_tensorrt(
 ) -> dict[str, Any]:
     """Export ONNX per stage into ``out_dir``, then build one TensorRT engine per stage beside it."""
     if precision not in TRT_PRECISIONS:
-        raise ValueError(f"precision {precision!r}: TensorRT engines are built as {' or '.join(TRT_PRECISIONS)}")
+        raise ConfigError(
+            f"TensorRT engines are built as {' or '.join(TRT_PRECISIONS)}, not {precision!r}", "precision"
+        )
     trt = import_tensorrt()
     capability = gpu_compute_capability()
     out = Path(out_dir)
@@ -99,8 +97,8 @@ def export_tensorrt(
         data = build_stage_engine(trt, out / stage["file"], shapes, precision, max_batch)
         name = engine_file_name(stage["resolution"], capability, trt.__version__, precision)
         (out / name).write_bytes(data)
-        stage["onnx_file"] = stage["file"]
-        stage["file"] = name
+        stage["onnx_file"], stage["onnx_sha256"] = stage["file"], stage["sha256"]
+        stage["file"], stage["sha256"] = name, file_sha256(out / name)
     manifest.update(
         {
             "format": MANIFEST_FORMAT,

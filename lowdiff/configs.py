@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lowdiff.errors import ConfigError
 from lowdiff.network import NetworkConfig
 from lowdiff.precond import Preconditioning
 from lowdiff.schedule import CascadeSchedule, StageSchedule
@@ -184,4 +185,4 @@ def get_config(name: str) -> ModelConfig:
         return BUILTIN_CONFIGS[name]
     except KeyError:
         known = ", ".join(BUILTIN_CONFIGS)
-        raise ValueError(f"unknown config {name!r}; known configs: {known}") from None
+        raise ConfigError(f"unknown config {name!r}; known configs: {known}", "config") from None

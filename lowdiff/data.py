@@ -9,16 +9,19 @@ from __future__ import annotations
 import pickle
 import tarfile
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lowdiff.errors import DataError
+
+# One default for train and eval: the last 1,000 images of each class are never trained on and are
+# what `lowdiff eval` scores against (Fashion-MNIST: 7,000 per class, so 6,000 train).
+DEFAULT_HOLDOUT_PER_CLASS = 1000
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
-
-
-class DataError(ValueError):
-    pass
 
 
 def _to_nchw(images: np.ndarray, source: Path) -> np.ndarray:
@@ -75,6 +78,43 @@ def load_image_folder(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(_to_nchw(np.stack(images), path)), torch.tensor(labels, dtype=torch.int64)
 
 
+# The only globals a CIFAR-10 python batch refers to: numpy's array reconstruction. Everything else
+# in the stream must be plain data (dicts, lists, bytes, strings, numbers); any other global — os.system,
+# builtins.eval, a class with a __reduce__ — is refused before anything runs.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),  # protocol ≤ 4 (the published files: Python 2, protocol 2)
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),  # protocol 5 (a batch re-pickled by Python 3)
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),  # how Python 3 writes bytes at protocol 2: str → bytes, nothing else
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: a CIFAR-10 batch holds only arrays and plain data")
+        return super().find_class(module, name)
+
+
+def _load_cifar_batch(stream: IO[bytes], source: str) -> tuple[np.ndarray, list[int]]:
+    """One ``data_batch_*`` of the CIFAR-10 python tarball, unpickled without running anything."""
+    try:
+        batch = _CifarUnpickler(stream, encoding="bytes").load()
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a CIFAR batch"
+        raise DataError(f"{source}: not a CIFAR-10 batch ({type(exc).__name__}: {exc})") from None
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise DataError(f"{source}: not a CIFAR-10 batch (expected a dict with b'data' and b'labels')")
+    data, labels = batch[b"data"], batch[b"labels"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{source}: b'data' must be a uint8 array of shape [N, 3072]")
+    if not isinstance(labels, list) or len(labels) != len(data) or not all(type(v) is int for v in labels):
+        raise DataError(f"{source}: b'labels' must be a list of {len(data)} integers")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
 def load_cifar10_tarball(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The CIFAR-10 python tarball (cifar-10-python.tar.gz): the five training batches."""
     try:
@@ -90,9 +130,9 @@ def load_cifar10_tarball(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
             member = tar.extractfile(name)
             if member is None:
                 raise DataError(f"{path}: cannot read {name}")
-            batch = pickle.load(member, encoding="bytes")
-            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.extend(batch[b"labels"])
+            batch = _load_cifar_batch(member, f"{path}:{name}")
+            images.append(batch[0])
+            labels.extend(batch[1])
     return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
 
 
@@ -131,3 +171,21 @@ def prepare_images(images: torch.Tensor, pad: int, resolution: int, channels: in
             f"images are {tuple(x.shape[-2:])} after padding {pad}; the model expects {resolution}×{resolution}"
         )
     return x
+
+
+def load_split(
+    path: str | Path, holdout: int, pad: int, resolution: int | None = None, channels: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train images, held-out images, train labels, held-out labels), images as [−1, 1] tensors.
+
+    The last ``holdout`` images of every class are held out. ``resolution``/``channels`` are what the
+    model expects; None takes them from the data (after padding)."""
+    images, labels = load_dataset(path)
+    train_idx, held_idx = holdout_split(labels, holdout)
+    if len(held_idx) == 0:
+        raise DataError(f"{path}: a hold-out of {holdout} per class leaves no held-out images", "holdout_per_class")
+    res = resolution or images.shape[-1] + 2 * pad
+    chans = channels or images.shape[1]
+    train = prepare_images(images[train_idx], pad, res, chans)
+    held = prepare_images(images[held_idx], pad, res, chans)
+    return train, held, labels[train_idx], labels[held_idx]

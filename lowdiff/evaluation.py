@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowdiff.model import CheckpointError, atomic_torch_save, default_checkpoint_path
+from lowdiff.errors import CheckpointError, LowDiffError
+from lowdiff.model import atomic_torch_save, default_checkpoint_path
 
 CLASSIFIER_FORMAT = "lowdiff-classifier-v1"
 
@@ -78,13 +79,13 @@ class Classifier(nn.Module):
     def load(cls, path: Path | None = None) -> Classifier:
         path = path or default_classifier_path()
         if not path.is_file():
-            raise CheckpointError(f"classifier not found: {path}")
+            raise CheckpointError(f"classifier not found: {path}", "classifier")
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(f"{path}: not a readable classifier ({type(exc).__name__})") from None
+            raise CheckpointError(f"{path}: not a readable classifier ({type(exc).__name__})", "classifier") from None
         if not isinstance(payload, dict) or payload.get("format") != CLASSIFIER_FORMAT:
-            raise CheckpointError(f"{path}: not a LowDiff classifier (missing format tag)")
+            raise CheckpointError(f"{path}: not a LowDiff classifier (missing format tag)", "classifier")
         model = cls(**payload["shape"])
         model.load_state_dict(payload["state_dict"])
         model.metadata = payload.get("metadata", {})
@@ -221,8 +222,11 @@ def score_samples(
     return result
 
 
-class InceptionUnavailable(RuntimeError):
+class InceptionUnavailable(LowDiffError):
     """Inception FID was asked for, but torch-fidelity or its weights are not available here."""
+
+    def __init__(self, message: str, field: str | None = "inception_fid"):
+        super().__init__(message, field)
 
 
 def check_inception_available() -> None:

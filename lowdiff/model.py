@@ -1,11 +1,15 @@
-"""A LowDiff model as users hold it: config + preconditioned network, checkpoint I/O, generation."""
+"""A LowDiff model as users hold it: config + preconditioned network, checkpoint I/O, reference generation.
+
+:func:`load_model` is the one loader (a checkpoint, a built-in config with random weights, or the
+embedded default); :class:`TorchStage` is the one reference stage function (eager PyTorch), which
+the ``torch`` engine runs on any device and precision and every other engine is compared with.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from importlib import resources
 from pathlib import Path
@@ -14,16 +18,18 @@ from typing import Any
 import torch
 
 from lowdiff.configs import ModelConfig, get_config
+from lowdiff.errors import CheckpointError, ConfigError
+from lowdiff.hashing import file_sha256
 from lowdiff.network import NetworkConfig, UnifiedUNet
 from lowdiff.precond import Denoiser
-from lowdiff.sampler import FunctionStage, StageCallback, StageRunner, run_cascade, to_uint8
+from lowdiff.requests import check_class_labels, labels_tensor
+from lowdiff.sampler import FunctionStage, StageRunner, generate_images
 from lowdiff.schedule import CascadeSchedule
 
+CHECKPOINT_FORMAT = "lowdiff-checkpoint-v1"
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 DEFAULT_CHECKPOINT_NAME = "fashion32.pt"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable or not a LowDiff checkpoint."""
 
 
 def default_checkpoint_path() -> Path:
@@ -43,26 +49,53 @@ def config_to_dict(config: ModelConfig) -> dict[str, Any]:
     }
 
 
-def config_from_dict(data: dict[str, Any]) -> ModelConfig:
-    net = dict(data["network"])
-    for key in ("resolutions", "channel_mult", "attn_resolutions"):
-        net[key] = tuple(net[key])
+def config_from_dict(data: Any) -> ModelConfig:
+    """Rebuild a config from :func:`config_to_dict`'s output; anything else is a :class:`ConfigError`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a dict, got {type(data).__name__}", "config")
+    missing = {"name", "network", "schedule", "preconditioning"} - set(data)
+    if missing:
+        raise ConfigError(f"missing key(s) {sorted(missing)}", "config")
+    unknown = set(data) - {"name", "network", "schedule", "preconditioning", "pad", "description"}
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)}", "config")
+    try:
+        net = dict(data["network"])
+        for key in ("resolutions", "channel_mult", "attn_resolutions"):
+            net[key] = tuple(net[key])
+        network = NetworkConfig(**net)
+        schedule = CascadeSchedule.from_dict(data["schedule"])
+    except (TypeError, KeyError, ValueError, ConfigError) as exc:
+        raise ConfigError(f"invalid network or schedule ({type(exc).__name__}: {exc})", "config") from None
+    if data["preconditioning"] not in ("vp", "edm"):
+        raise ConfigError(f"unknown preconditioning {data['preconditioning']!r}", "config")
+    if schedule.resolutions != network.resolutions:
+        raise ConfigError(f"schedule resolutions {schedule.resolutions} ≠ network's {network.resolutions}", "config")
     return ModelConfig(
-        name=data["name"],
-        network=NetworkConfig(**net),
-        schedule=CascadeSchedule.from_dict(data["schedule"]),
+        name=str(data["name"]),
+        network=network,
+        schedule=schedule,
         preconditioning=data["preconditioning"],
-        pad=data.get("pad", 0),
-        description=data.get("description", ""),
+        pad=int(data.get("pad", 0)),
+        description=str(data.get("description", "")),
     )
 
 
 class TorchStage:
-    """A stage function backed by the PyTorch denoiser (eager)."""
+    """The reference stage function: D(x; σ) by the PyTorch denoiser, on ``device``, fp32 or autocast.
 
-    def __init__(self, denoiser: Denoiser, resolution: int):
+    Inputs may live on the host (they are moved to ``device``); the result is fp32 on ``device``.
+    """
+
+    def __init__(
+        self, denoiser: Denoiser, resolution: int, device: torch.device | None = None, precision: str = "fp32"
+    ):
+        if precision not in PRECISIONS:
+            raise ConfigError(f"expected one of {', '.join(PRECISIONS)}, got {precision!r}", "precision")
         self.denoiser = denoiser
         self.resolution = resolution
+        self.device = device or torch.device("cpu")
+        self.autocast_dtype = PRECISIONS[precision]
 
     @torch.no_grad()
     def __call__(
@@ -73,7 +106,13 @@ class TorchStage:
         condition: torch.Tensor | None,
         sigma_cond: torch.Tensor | None,
     ) -> torch.Tensor:
-        return self.denoiser(x, sigma, class_labels, self.resolution, condition, sigma_cond)
+        def to(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(self.device, non_blocking=True)
+
+        enabled = self.autocast_dtype is not None
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=enabled):
+            out = self.denoiser(to(x), to(sigma), to(class_labels), self.resolution, to(condition), to(sigma_cond))
+        return out.float()
 
 
 class LowDiffModel:
@@ -86,7 +125,8 @@ class LowDiffModel:
 
     @classmethod
     def from_config(cls, name: str) -> LowDiffModel:
-        return cls(get_config(name))
+        """A built-in config with random weights."""
+        return load_model(config=name)
 
     @property
     def schedule(self) -> CascadeSchedule:
@@ -94,47 +134,31 @@ class LowDiffModel:
 
     def with_schedule(self, schedule: CascadeSchedule) -> LowDiffModel:
         if schedule.resolutions != self.config.resolutions:
-            raise ValueError(
-                f"schedule resolutions {schedule.resolutions} differ from the model's {self.config.resolutions}"
+            raise ConfigError(
+                f"resolutions {schedule.resolutions} differ from the model's {self.config.resolutions}", "schedule"
             )
         other = LowDiffModel(replace(self.config, schedule=schedule), self.denoiser)
         other.metadata = self.metadata
         return other
 
-    def stage_runners(self) -> dict[int, StageRunner]:
+    def reference_runners(self) -> dict[int, StageRunner]:
         """Eager PyTorch on the CPU, fp32: the reference every engine is compared with."""
         return {r: FunctionStage(TorchStage(self.denoiser, r)) for r in self.config.resolutions}
 
-    def check_labels(self, class_labels: Sequence[int] | None, count: int) -> torch.Tensor | None:
-        if not self.config.conditional:
-            if class_labels is not None and any(c is not None for c in class_labels):
-                raise ValueError("class_label: this model is unconditional and takes no class label")
-            return None
-        if class_labels is None or len(class_labels) != count:
-            raise ValueError("class_label: a class label is required for every image")
-        for c in class_labels:
-            if not 0 <= int(c) < self.config.num_classes:
-                raise ValueError(f"class_label: {c} is out of range 0…{self.config.num_classes - 1}")
-        return torch.tensor([int(c) for c in class_labels], dtype=torch.long)
-
     @torch.no_grad()
-    def generate(
-        self,
-        seeds: Sequence[int],
-        class_labels: Sequence[int] | None = None,
-        runners: Mapping[int, StageRunner] | None = None,
-        on_stage: StageCallback | None = None,
-    ) -> torch.Tensor:
-        """uint8 images [B, C, R, R] for the given seeds (and class labels)."""
-        labels = self.check_labels(class_labels, len(seeds))
-        runners = runners if runners is not None else self.stage_runners()
-        x = run_cascade(self.schedule, runners, seeds, labels, self.config.network.img_channels, on_stage)
-        return to_uint8(x)
+    def generate(self, seeds: Sequence[int], class_labels: Sequence[int] | None = None) -> torch.Tensor:
+        """uint8 images [B, C, R, R] by the reference runners (training grids, evaluation, tests).
+
+        Serving goes through :class:`lowdiff.engines.CascadeEngine`, which runs the same
+        :func:`~lowdiff.sampler.generate_images` with its own runners."""
+        labels = labels_tensor(check_class_labels(self.config, class_labels, len(seeds)))
+        channels = self.config.network.img_channels
+        return generate_images(self.schedule, self.reference_runners(), seeds, labels, channels)
 
     # --- checkpoints ---
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         payload = {
-            "format": "lowdiff-checkpoint-v1",
+            "format": CHECKPOINT_FORMAT,
             "config": config_to_dict(self.config),
             "state_dict": self.denoiser.net.state_dict(),
             "metadata": self.metadata,
@@ -146,30 +170,66 @@ class LowDiffModel:
     @classmethod
     def load(cls, path: str | Path | None = None) -> LowDiffModel:
         """Load a checkpoint (EMA weights); no path = the embedded default model."""
-        path = Path(path) if path is not None else default_checkpoint_path()
-        payload = read_checkpoint(path)
-        config = config_from_dict(payload["config"])
-        model = cls(config)
-        weights = payload.get("ema_state_dict", payload["state_dict"])
-        try:
-            model.denoiser.net.load_state_dict(weights)
-        except RuntimeError as exc:
-            raise CheckpointError(f"{path}: weights do not fit config {config.name!r}: {exc}") from None
-        model.metadata = dict(payload.get("metadata", {}))
-        model.metadata["checkpoint_sha256"] = file_sha256(path)
-        model.metadata["checkpoint_path"] = str(path)
-        return model
+        return load_model(path)
+
+
+def load_model(checkpoint: str | Path | None = None, config: str | None = None) -> LowDiffModel:
+    """The one loader: ``checkpoint`` (EMA weights if it has them), else built-in ``config`` with random
+    weights, else the embedded default. Errors are :class:`CheckpointError` (field ``checkpoint``) or
+    :class:`ConfigError` (field ``config``), one line each."""
+    if checkpoint is not None and config is not None:
+        raise ConfigError("give either a checkpoint or a config (random weights), not both", "config")
+    if config is not None:
+        return LowDiffModel(get_config(config))
+    path = Path(checkpoint) if checkpoint is not None else default_checkpoint_path()
+    payload = read_checkpoint(path)
+    try:
+        model_config = config_from_dict(payload["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: its config is invalid: {exc.message}", "checkpoint") from None
+    model = LowDiffModel(model_config)
+    weights = payload.get("ema_state_dict", payload.get("state_dict"))
+    if not isinstance(weights, dict) or not weights:
+        raise CheckpointError(f"{path}: holds no weights (state_dict)", "checkpoint")
+    expected = model.denoiser.net.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = sorted(
+        k
+        for k in set(expected) & set(weights)
+        if not isinstance(weights[k], torch.Tensor) or weights[k].shape != expected[k].shape
+    )
+    if missing or unexpected or wrong:
+        parts = [
+            f"{label} {len(keys)} (e.g. {keys[0]})"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if keys
+        ]
+        raise CheckpointError(
+            f"{path}: weights do not fit config {model_config.name!r}: {', '.join(parts)}", "checkpoint"
+        )
+    model.denoiser.net.load_state_dict(weights)
+    metadata = payload.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: metadata must be a dict, got {type(metadata).__name__}", "checkpoint")
+    model.metadata = dict(metadata)
+    model.metadata["checkpoint_sha256"] = file_sha256(path)
+    model.metadata["checkpoint_path"] = str(path)
+    return model
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's payload (``weights_only`` unpickling: tensors and plain data, never code)."""
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}", "checkpoint")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        raise CheckpointError(f"{path}: not a readable LowDiff checkpoint ({type(exc).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != "lowdiff-checkpoint-v1":
-        raise CheckpointError(f"{path}: not a LowDiff checkpoint (missing format tag)")
+        raise CheckpointError(
+            f"{path}: not a readable LowDiff checkpoint ({type(exc).__name__})", "checkpoint"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a LowDiff checkpoint (missing format tag)", "checkpoint")
     return payload
 
 
@@ -187,11 +247,3 @@ def atomic_torch_save(payload: dict[str, Any], path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -151,3 +151,15 @@ def run_cascade(
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[−1, 1] images → uint8, EDM's rounding (x·127.5 + 128, clipped)."""
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+def generate_images(
+    schedule: CascadeSchedule,
+    runners: Mapping[int, StageRunner],
+    seeds: Sequence[int],
+    class_labels: torch.Tensor | None,
+    channels: int,
+    on_stage: StageCallback | None = None,
+) -> torch.Tensor:
+    """uint8 images [B, C, R, R]: :func:`run_cascade` then :func:`to_uint8` (labels already validated)."""
+    return to_uint8(run_cascade(schedule, runners, seeds, class_labels, channels, on_stage))

@@ -22,6 +22,8 @@ from typing import Literal
 
 import torch
 
+from lowdiff.errors import ConfigError
+
 RHO = 7.0
 
 
@@ -36,13 +38,13 @@ class StageSchedule:
 
     def __post_init__(self) -> None:
         if self.num_steps < 1:
-            raise ValueError(f"stage {self.resolution}: num_steps must be ≥ 1")
+            raise ConfigError(f"stage {self.resolution}: num_steps must be ≥ 1", "schedule")
         if not 0 < self.sigma_min < self.sigma_max:
-            raise ValueError(f"stage {self.resolution}: need 0 < sigma_min < sigma_max")
+            raise ConfigError(f"stage {self.resolution}: need 0 < sigma_min < sigma_max", "schedule")
         if self.truncate_at is not None and not 1 <= self.truncate_at < self.num_steps:
-            raise ValueError(f"stage {self.resolution}: truncate_at must be in 1…{self.num_steps - 1}")
+            raise ConfigError(f"stage {self.resolution}: truncate_at must be in 1…{self.num_steps - 1}", "schedule")
         if self.final_step not in ("heun", "euler"):
-            raise ValueError(f"stage {self.resolution}: final_step must be 'heun' or 'euler'")
+            raise ConfigError(f"stage {self.resolution}: final_step must be 'heun' or 'euler'", "schedule")
 
     def sigmas(self) -> torch.Tensor:
         """The float64 noise levels this stage visits, σ_0 … σ_end (σ_end = σ_t or 0)."""
@@ -76,15 +78,15 @@ class CascadeSchedule:
 
     def __post_init__(self) -> None:
         if not self.stages:
-            raise ValueError("a cascade needs at least one stage")
+            raise ConfigError("a cascade needs at least one stage", "schedule")
         res = [s.resolution for s in self.stages]
         if res != sorted(set(res)):
-            raise ValueError(f"stage resolutions must increase: {res}")
+            raise ConfigError(f"stage resolutions must increase: {res}", "schedule")
         for s in self.stages[:-1]:
             if not s.truncated:
-                raise ValueError(f"stage {s.resolution} is not the last: it needs truncate_at")
+                raise ConfigError(f"stage {s.resolution} is not the last: it needs truncate_at", "schedule")
         if self.stages[-1].truncated:
-            raise ValueError("the last stage runs to σ = 0: it takes no truncate_at")
+            raise ConfigError("the last stage runs to σ = 0: it takes no truncate_at", "schedule")
 
     @property
     def resolutions(self) -> tuple[int, ...]:

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import copy
 import math
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -21,7 +24,17 @@ import torch
 import torch.nn.functional as F
 
 from lowdiff.configs import ModelConfig
-from lowdiff.model import LowDiffModel, atomic_torch_save, config_from_dict, config_to_dict, read_checkpoint
+from lowdiff.errors import CheckpointError
+from lowdiff.imaging import save_png, tile
+from lowdiff.model import (
+    CHECKPOINT_FORMAT,
+    LowDiffModel,
+    atomic_torch_save,
+    config_from_dict,
+    config_to_dict,
+    load_model,
+    read_checkpoint,
+)
 from lowdiff.precond import Denoiser
 from lowdiff.sampler import upsample_condition
 
@@ -38,6 +51,7 @@ class TrainOptions:
     seed: int = 0
     log_every: int = 20
     checkpoint_every: int = 500  # steps
+    checkpoint_minutes: float = 10.0  # also save after this much wall time since the last save
     grid_every: int = 1000  # steps; 0 = never
     threads: int = 0  # 0 = torch's default
 
@@ -84,21 +98,6 @@ def sample_grid(model: LowDiffModel, rows: int = 10, cols: int = 10, seed0: int 
     return tile(images, rows, cols)
 
 
-def tile(images: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    b, c, h, w = images.shape
-    if b < rows * cols:
-        images = torch.cat([images, images.new_zeros(rows * cols - b, c, h, w)])
-    return images.reshape(rows, cols, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, cols * w)
-
-
-def save_png(image: torch.Tensor, path: Path) -> None:
-    """uint8 [C, H, W] → PNG."""
-    from PIL import Image
-
-    array = image.permute(1, 2, 0).numpy()
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
-
-
 class Trainer:
     """Owns the network, its EMA, the optimizer and the run directory; resumable."""
 
@@ -115,6 +114,7 @@ class Trainer:
         self.nimg = 0
         self.skipped_steps = 0
         self.wall_seconds = 0.0
+        self.ramp_origin = 0  # nimg at which the learning-rate ramp-up (re)starts
         self.generator = torch.Generator().manual_seed(options.seed)
 
     @property
@@ -124,7 +124,7 @@ class Trainer:
     def save(self) -> None:
         atomic_torch_save(
             {
-                "format": "lowdiff-checkpoint-v1",
+                "format": CHECKPOINT_FORMAT,
                 "config": config_to_dict(self.config),
                 "state_dict": self.denoiser.net.state_dict(),
                 "ema_state_dict": self.ema.state_dict(),
@@ -135,6 +135,7 @@ class Trainer:
                     "nimg": self.nimg,
                     "skipped_steps": self.skipped_steps,
                     "wall_seconds": self.wall_seconds,
+                    "ramp_origin": self.ramp_origin,
                     "generator": self.generator.get_state(),
                     "options": asdict(self.options),
                 },
@@ -158,27 +159,43 @@ class Trainer:
             return False
         payload = read_checkpoint(self.checkpoint_path)
         if config_from_dict(payload["config"]).network != self.config.network:
-            raise ValueError(f"{self.checkpoint_path}: it was trained with another network config")
-        self.denoiser.net.load_state_dict(payload["state_dict"])
-        self.ema.load_state_dict(payload["ema_state_dict"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        state = payload["train_state"]
+            raise CheckpointError(f"{self.checkpoint_path}: it was trained with another network config", "run_dir")
+        try:
+            self.denoiser.net.load_state_dict(payload["state_dict"])
+            self.ema.load_state_dict(payload["ema_state_dict"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+            state = payload["train_state"]
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(
+                f"{self.checkpoint_path}: not a resumable training checkpoint ({type(exc).__name__})", "run_dir"
+            ) from None
         self.step, self.nimg = state["step"], state["nimg"]
         self.skipped_steps, self.wall_seconds = state["skipped_steps"], state["wall_seconds"]
+        self.ramp_origin = int(state.get("ramp_origin", 0))
         self.generator.set_state(state["generator"])
         return True
 
-    def init_from(self, path: Path) -> None:
+    def init_from(self, path: Path, keep_count: bool = False) -> None:
         """Warm start: network and EMA from a checkpoint's weights (EMA if it has one); fresh optimizer.
 
         For continuing from an inference checkpoint such as the embedded model, which carries no
-        optimizer state; the learning-rate ramp-up runs again."""
-        payload = read_checkpoint(path)
-        if config_from_dict(payload["config"]).network != self.config.network:
-            raise ValueError(f"{path}: it was trained with another network config")
-        weights = payload.get("ema_state_dict", payload["state_dict"])
+        optimizer state; the learning-rate ramp-up runs again (from the starting point). With
+        ``keep_count`` the step and training-image counters continue from the checkpoint's metadata,
+        so a run that lost its training checkpoint can be continued to an exact total budget."""
+        try:
+            source = load_model(path)
+        except CheckpointError as exc:
+            raise exc.for_field("init_from") from None
+        if source.config.network != self.config.network:
+            raise CheckpointError(f"{path}: it was trained with another network config", "init_from")
+        weights = source.denoiser.net.state_dict()
         self.denoiser.net.load_state_dict(weights)
         self.ema.load_state_dict(weights)
+        if keep_count:
+            meta = source.metadata
+            self.step = int(meta.get("step", 0))
+            self.nimg = self.ramp_origin = int(meta.get("training_images", 0))
+            self.wall_seconds = float(meta.get("wall_seconds", 0.0))
 
     def ema_model(self) -> LowDiffModel:
         model = LowDiffModel(self.config)
@@ -200,7 +217,7 @@ class Trainer:
             self.skipped_steps += 1  # nan guard: never let one bad batch poison the weights
             return None
         for group in self.optimizer.param_groups:
-            group["lr"] = opts.lr * min(1.0, (self.nimg + 1) / max(opts.lr_rampup_kimg * 1000, 1))
+            group["lr"] = opts.lr * min(1.0, (self.nimg - self.ramp_origin + 1) / max(opts.lr_rampup_kimg * 1000, 1))
         self.optimizer.step()
         self.step += 1
         self.nimg += images.shape[0]
@@ -213,7 +230,12 @@ class Trainer:
                 p_ema.lerp_(p.detach(), 1 - beta)
         return per_res
 
-    def fit(self, images: torch.Tensor, labels: torch.Tensor | None, log: TextIO = sys.stderr) -> None:
+    def fit(self, images: torch.Tensor, labels: torch.Tensor | None, log: TextIO = sys.stderr) -> bool:
+        """Train to ``total_kimg``; returns True if stopped early by SIGINT/SIGTERM (after saving).
+
+        The checkpoint is written atomically every ``checkpoint_every`` steps, every
+        ``checkpoint_minutes`` of wall time, at the end, and on a stop signal, so an interrupted run
+        loses at most the step in progress."""
         opts = self.options
         if opts.threads:
             torch.set_num_threads(opts.threads)
@@ -221,33 +243,70 @@ class Trainer:
         n = images.shape[0]
         (self.run_dir / "grids").mkdir(parents=True, exist_ok=True)
         window_start, window_images = time.perf_counter(), 0
-        last_time = time.perf_counter()
-        while self.nimg < total:
-            idx = torch.randint(0, n, (opts.batch_size,), generator=self.generator)
-            batch_labels = labels[idx] if labels is not None else None
-            per_res = self.train_step(images[idx], batch_labels)
-            now = time.perf_counter()
-            self.wall_seconds += now - last_time
-            last_time = now
-            window_images += opts.batch_size
-            if per_res is not None and self.step % opts.log_every == 0:
-                rate = window_images / max(now - window_start, 1e-9)
-                eta = (total - self.nimg) / max(rate, 1e-9)
-                frac = self.nimg / total
-                bar = "#" * int(frac * 30) + "-" * (30 - int(frac * 30))
-                losses = " ".join(f"{r}:{v:.4f}" for r, v in per_res.items())
-                print(
-                    f"[{bar}] {self.nimg / 1000:7.1f}/{total / 1000:.0f} kimg  step {self.step}  "
-                    f"loss {losses}  {rate:5.1f} img/s  eta {eta / 60:5.1f} min"
-                    + (f"  skipped {self.skipped_steps}" if self.skipped_steps else ""),
-                    file=log,
-                    flush=True,
-                )
-                window_start, window_images = now, 0
-            if self.step and self.step % opts.checkpoint_every == 0:
-                self.save()
-            if opts.grid_every and self.step and self.step % opts.grid_every == 0:
-                save_png(sample_grid(self.ema_model()), self.run_dir / "grids" / f"step{self.step:07d}.png")
-                last_time = time.perf_counter()  # grid time is not training time
-        self.save()
+        last_time = last_save = time.perf_counter()
+        with _stop_signals() as stop:
+            while self.nimg < total and not stop:
+                idx = torch.randint(0, n, (opts.batch_size,), generator=self.generator)
+                batch_labels = labels[idx] if labels is not None else None
+                per_res = self.train_step(images[idx], batch_labels)
+                now = time.perf_counter()
+                self.wall_seconds += now - last_time
+                last_time = now
+                window_images += opts.batch_size
+                if per_res is not None and self.step % opts.log_every == 0:
+                    rate = window_images / max(now - window_start, 1e-9)
+                    self._log_progress(per_res, total, rate, log)
+                    window_start, window_images = now, 0
+                due = self.step and self.step % opts.checkpoint_every == 0
+                if due or now - last_save > opts.checkpoint_minutes * 60:
+                    self.save()
+                    last_save = time.perf_counter()
+                if opts.grid_every and self.step and self.step % opts.grid_every == 0:
+                    save_png(sample_grid(self.ema_model()), self.run_dir / "grids" / f"step{self.step:07d}.png")
+                    last_time = time.perf_counter()  # grid time is not training time
+            self.save()
+            if stop:
+                return True
         save_png(sample_grid(self.ema_model()), self.run_dir / "grids" / "final.png")
+        return False
+
+    def _log_progress(self, per_res: dict[int, float], total: int, rate: float, log: TextIO) -> None:
+        eta = (total - self.nimg) / max(rate, 1e-9)
+        frac = self.nimg / total
+        bar = "#" * int(frac * 30) + "-" * (30 - int(frac * 30))
+        losses = " ".join(f"{r}:{v:.4f}" for r, v in per_res.items())
+        print(
+            f"[{bar}] {self.nimg / 1000:7.1f}/{total / 1000:.0f} kimg  step {self.step}  "
+            f"loss {losses}  {rate:5.1f} img/s  eta {eta / 60:5.1f} min"
+            + (f"  skipped {self.skipped_steps}" if self.skipped_steps else ""),
+            file=log,
+            flush=True,
+        )
+
+
+class _StopFlag:
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+
+@contextmanager
+def _stop_signals() -> Iterator[_StopFlag]:
+    """SIGINT/SIGTERM set a flag that the training loop checks after each step (main thread only)."""
+    flag = _StopFlag()
+
+    def handler(signum: int, _frame: object) -> None:
+        flag.signal = signum
+
+    try:
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: no handlers, the loop runs to its end
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

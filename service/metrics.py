@@ -1,15 +1,14 @@
 """Prometheus metrics of one service instance (its own registry, so tests can run several apps).
 
 Naming follows Prometheus conventions: ``lowdiff_`` prefix, base units (seconds), ``_total`` on
-counters. Batch latency is labelled by a power-of-two batch-size bucket rather than the exact size
-so that the label set stays small whatever ``max_batch`` is.
+counters. Throughput is not a gauge here: a windowed rate computed in one pod cannot be summed
+across pods, so dashboards and alerts take ``rate(lowdiff_images_generated_total[1m])``. Batch
+latency is labelled by a power-of-two batch-size bucket rather than the exact size, so that the
+label set stays small whatever ``max_batch`` is.
 """
 
 from __future__ import annotations
 
-import threading
-import time
-from collections import deque
 from collections.abc import Callable
 
 from prometheus_client import (
@@ -25,7 +24,6 @@ from prometheus_client import (
 # Latency buckets (seconds): a tiny model answers in milliseconds, a 64-image CPU batch in tens of seconds.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-THROUGHPUT_WINDOW_S = 10.0
 
 
 def batch_size_bucket(size: int) -> str:
@@ -34,29 +32,6 @@ def batch_size_bucket(size: int) -> str:
         return str(size)
     upper = 1 << (size - 1).bit_length()
     return f"{upper // 2 + 1}-{upper}"
-
-
-class ThroughputWindow:
-    """Images completed over the last ``window`` seconds, as images per second (read at scrape time)."""
-
-    def __init__(self, window: float = THROUGHPUT_WINDOW_S):
-        self.window = window
-        self._events: deque[tuple[float, int]] = deque()
-        self._lock = threading.Lock()
-        self._started = time.monotonic()
-
-    def add(self, images: int) -> None:
-        with self._lock:
-            self._events.append((time.monotonic(), images))
-
-    def rate(self) -> float:
-        now = time.monotonic()
-        with self._lock:
-            while self._events and self._events[0][0] < now - self.window:
-                self._events.popleft()
-            total = sum(n for _, n in self._events)
-        # During the first window after start, divide by the time actually elapsed.
-        return total / max(min(self.window, now - self._started), 1e-3)
 
 
 class ServiceMetrics:
@@ -106,24 +81,17 @@ class ServiceMetrics:
         )
         self.images_dropped = Counter(
             "lowdiff_images_dropped_total",
-            "Queued images dropped before they started, by reason (deadline, disconnect, failed).",
+            "Queued images dropped before they started, by reason (deadline, disconnect, failed, shutdown).",
             ["reason"],
             registry=r,
         )
-        self.throughput_window = ThroughputWindow()
-        self.throughput = Gauge(
-            "lowdiff_throughput_images_per_second",
-            f"Images generated per second over the last {THROUGHPUT_WINDOW_S:g} s.",
-            registry=r,
-        )
-        self.throughput.set_function(self.throughput_window.rate)
         self.in_flight = Gauge("lowdiff_requests_in_flight", "POST /generate requests being served.", registry=r)
         self.ready = Gauge("lowdiff_ready", "1 when the engine is loaded and warmed up and not draining.", registry=r)
         self.info = Info("lowdiff_model", "The served model and engine.", registry=r)
         self._queue_depth: Callable[[], int] = lambda: 0
         self.queue = Gauge("lowdiff_queue_depth_images", "Images queued and not yet started.", registry=r)
         self.queue.set_function(self.queue_depth)
-        for reason in ("deadline", "disconnect", "failed"):
+        for reason in ("deadline", "disconnect", "failed", "shutdown"):
             self.images_dropped.labels(reason)  # export zeros so that rate() works from the start
         for outcome in ("ok", "error"):
             self.batches.labels(outcome)
@@ -136,7 +104,6 @@ class ServiceMetrics:
 
     def record_images(self, count: int) -> None:
         self.images.inc(count)
-        self.throughput_window.add(count)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

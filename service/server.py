@@ -8,6 +8,7 @@ server closes its socket and the process exits 0. A second signal exits at once.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from types import FrameType
@@ -15,12 +16,17 @@ from types import FrameType
 import torch
 import uvicorn
 
-from service.app import Service, create_app
-from service.loading import load_model
-from service.logs import configure_logging
-from service.settings import ServeSettings, SettingsError
+from lowdiff.engines import check_engine_options
+from lowdiff.model import load_model
+from lowdiff.service.app import create_app
+from lowdiff.service.logs import configure_logging
+from lowdiff.service.settings import ServeSettings
+from lowdiff.service.state import Service
 
 log = logging.getLogger("lowdiff.service")
+
+# After grace: the longest wait for the 503s of aborted requests before the sockets close.
+ABORT_FLUSH_S = 1.0
 
 
 class DrainingServer(uvicorn.Server):
@@ -31,17 +37,19 @@ class DrainingServer(uvicorn.Server):
         self.service = service
         self.exit_code = 0
         self._drain_deadline: float | None = None
+        self._aborted_at: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not uvicorn's handler: that one re-raises the signal after shutdown, so the process would
         # die of SIGTERM instead of exiting 0.
-        if self._drain_deadline is not None:
-            log.warning("second %s: exiting now", signal.Signals(sig).name)
-            self.force_exit = True
-            self.should_exit = True
-            return
         if not self.started:
             self.should_exit = True
+            return
+        if self._drain_deadline is not None:
+            # A second signal shortens the drain the same way the end of grace does: requests still
+            # open are answered 503 + Retry-After (never cut off, never 500), then the process exits.
+            log.warning("second %s: ending the drain now", signal.Signals(sig).name)
+            self._drain_deadline = time.monotonic()
             return
         self._drain_deadline = time.monotonic() + self.service.settings.grace_s
         self.service.begin_drain()
@@ -57,22 +65,31 @@ class DrainingServer(uvicorn.Server):
         if self.service.idle():
             log.info("drained: no request in flight; exiting")
             return True
-        if time.monotonic() > self._drain_deadline:
-            log.error("grace period over with %d request(s) in flight; exiting", self.service.in_flight)
-            return True
-        return False
+        now = time.monotonic()
+        if now >= self._drain_deadline and self._aborted_at is None:
+            log.error("grace period over with %d request(s) in flight: answering them 503", self.service.in_flight)
+            self.service.abort_in_flight()
+            self._aborted_at = now
+        # After the abort, close once every open request has its 503 (or after ABORT_FLUSH_S).
+        return self._aborted_at is not None and (self.service.idle() or now - self._aborted_at > ABORT_FLUSH_S)
 
 
 def serve(settings: ServeSettings) -> int:
-    """Run until drained; 0 after a clean drain, 1 if the engine failed to load."""
-    from lowdiff.cli import CLIError
+    """Run until drained; 0 after a clean drain, 1 if the engine failed to load for an internal reason.
 
-    try:
-        # Load the weights before binding, so that a bad --checkpoint is a usage error (status 2).
-        model = load_model(settings)
-    except SettingsError as exc:
-        raise CLIError(str(exc)) from None
+    What the user gave is checked before the port opens (the weights are loaded, the engine options
+    checked) and raises :class:`lowdiff.errors.LowDiffError`; so does an engine that fails in the
+    loading thread because of what the user gave (an unusable device, a tampered engine folder):
+    the server stops and the error is raised here, for the CLI to print as one line (status 2)."""
+    check_engine_options(settings.engine, settings.engine_dir, settings.device)
+    model = load_model(settings.checkpoint, settings.config)
     configure_logging(settings.log_level)
+    if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "serving without an API key on %s: anyone who can reach this address can generate "
+            "(set LOWDIFF_API_KEY to require 'Authorization: Bearer <key>')",
+            settings.host,
+        )
     if settings.threads:
         torch.set_num_threads(settings.threads)
     app = create_app(settings, model=model)
@@ -82,9 +99,19 @@ def serve(settings: ServeSettings) -> int:
         port=settings.port,
         log_config=None,
         access_log=False,  # our middleware logs every request with its id
-        timeout_graceful_shutdown=5,  # after the drain only responses still being written are left
+        timeout_graceful_shutdown=1,  # after the drain only responses still being written are left
+        limit_concurrency=settings.max_connections,  # past it: 503 at once, not a held descriptor
         lifespan="on",
     )
-    server = DrainingServer(config, app.state.service)
+    service: Service = app.state.service
+    server = DrainingServer(config, service)
     server.run()
+    if service.error is not None:
+        raise service.error
+    if service.engine_busy():
+        # A batch is still running in the engine thread (its requests were answered 503). The
+        # interpreter would wait for it at exit; the drain's promise is to exit within grace.
+        log.warning("exiting with an engine batch still running")
+        logging.shutdown()
+        os._exit(server.exit_code)
     return server.exit_code

@@ -12,6 +12,7 @@ import httpx
 import torch
 import uvicorn
 
+from lowdiff.engines import EngineInfo
 from lowdiff.model import LowDiffModel
 from lowdiff.schedule import CascadeSchedule, StageSchedule
 from tests.conftest import tiny_config
@@ -76,19 +77,22 @@ class FakeEngine:
             raise RuntimeError("warm-up gate never opened")
         self.warmed_up = True
 
-    def info(self) -> dict[str, Any]:
-        return {
-            "model": "fake",
-            "engine": "fake",
-            "device": "cpu",
-            "precision": "fp32",
-            "resolutions": list(self.resolutions),
-            "nfe_per_stage": [1] * len(self.resolutions),
-            "schedule": {},
-            "conditional": self.conditional,
-            "num_classes": self.num_classes if self.conditional else 0,
-            "image_channels": 1,
-        }
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            model="fake",
+            engine="fake",
+            device="cpu",
+            precision="fp32",
+            resolutions=self.resolutions,
+            nfe_per_stage=(1,) * len(self.resolutions),
+            schedule={},
+            conditional=self.conditional,
+            num_classes=self.num_classes if self.conditional else 0,
+            image_channels=1,
+            image_resolution=32,
+            checkpoint_sha256=None,
+            engine_dir=None,
+        )
 
     def ran(self, seed: int) -> bool:
         return any(seed in batch for batch in self.batches)

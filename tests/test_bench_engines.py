@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from engines import ENGINE_KINDS, EngineUnavailable, load_engine
-from engines.bench import bench_model, effective_nfe, parse_engines
-from engines.cudagraph import bucket_for
-from engines.tensorrt_engine import EngineMismatch, check_engine_target
-from export.tensorrt_build import engine_file_name
+from lowdiff.bench.measure import bench_model, effective_nfe, parse_engines
 from lowdiff.cli import main
+from lowdiff.engines import ENGINE_KINDS, load_engine
+from lowdiff.engines.cudagraph import bucket_for, cudagraph_runners
+from lowdiff.engines.onnxruntime_engine import providers_for
+from lowdiff.engines.tensorrt_engine import EngineMismatch, check_engine_target, tensorrt_runners
+from lowdiff.errors import EngineUnavailable, SettingsError
+from lowdiff.export.tensorrt_build import engine_file_name
 from lowdiff.model import LowDiffModel
 from tests.conftest import tiny_config
 
@@ -44,14 +46,16 @@ def lowdiff(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: CUDA graphs are available")
 def test_cudagraph_without_gpu_is_a_clear_error() -> None:
-    with pytest.raises(EngineUnavailable, match="CUDA graphs need an NVIDIA GPU"):
+    with pytest.raises(EngineUnavailable, match="needs an NVIDIA GPU"):
         load_engine(LowDiffModel(tiny_config()), "cudagraph", "cuda")
+    with pytest.raises(EngineUnavailable, match="needs an NVIDIA GPU"):  # the runtime's own check too
+        cudagraph_runners(LowDiffModel(tiny_config()), "cuda")
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
 def test_tensorrt_without_library_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(EngineUnavailable, match="'tensorrt' Python package"):
-        load_engine(LowDiffModel(tiny_config()), "tensorrt", "cuda", "fp16", engine_dir=tmp_path)
+        tensorrt_runners(LowDiffModel(tiny_config()), tmp_path, "cuda", "fp16")
 
 
 def test_onnxruntime_on_gpu_without_gpu_provider_is_a_clear_error() -> None:
@@ -60,11 +64,11 @@ def test_onnxruntime_on_gpu_without_gpu_provider_is_a_clear_error() -> None:
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime build has the CUDA provider")
     with pytest.raises(EngineUnavailable, match="no CUDA or TensorRT execution provider"):
-        load_engine(LowDiffModel(tiny_config()), "onnxruntime", "cuda")
+        providers_for("cuda")
 
 
 def test_unknown_engine_names_the_known_ones() -> None:
-    with pytest.raises(ValueError, match="available: " + ", ".join(ENGINE_KINDS)):
+    with pytest.raises(SettingsError, match="available: " + ", ".join(ENGINE_KINDS)):
         load_engine(LowDiffModel(tiny_config()), "tvm")
 
 
@@ -74,7 +78,7 @@ def test_cli_reports_a_missing_runtime_in_one_line() -> None:
         pytest.skip("this machine has a GPU")
     proc = lowdiff("bench", "--config", "fashion32", "--engine", "cudagraph", "--device", "cuda", "--json", "x.json")
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("lowdiff bench: error: --engine cudagraph: ")
+    assert proc.stderr.strip().splitlines()[-1].startswith("lowdiff bench: error: --engine: ")
     assert "Traceback" not in proc.stderr
 
 
@@ -110,9 +114,9 @@ def test_engine_lists_parse_with_precisions() -> None:
         ("onnxruntime", "fp32"),
         ("torch", "bf16"),
     ]
-    with pytest.raises(ValueError, match="unknown engine 'tvm'"):
+    with pytest.raises(SettingsError, match="unknown engine 'tvm'"):
         parse_engines("torch,tvm", "fp32")
-    with pytest.raises(ValueError, match="twice"):
+    with pytest.raises(SettingsError, match="twice"):
         parse_engines("torch,torch:fp32", "fp32")
 
 
@@ -170,7 +174,7 @@ def test_bench_cli_writes_json_markdown_and_plot(tmp_path: Path) -> None:
 
 def test_cudagraph_capture_function_reproduces_the_shared_loop() -> None:
     """What CUDA graphs capture, run eagerly on the CPU: padded bucket, σ from the schedule's table."""
-    from engines.cudagraph import CudaGraphStage
+    from lowdiff.engines.cudagraph import CudaGraphStage
     from lowdiff.model import TorchStage
     from lowdiff.sampler import heun_stage
 
@@ -216,5 +220,5 @@ def test_cpu_bf16_is_an_approximation_of_fp32_and_fp16_is_refused() -> None:
     diff = (bf16 - fp32).abs().float()
     assert diff.mean() < 2  # close on average; not the ≤ 2 levels per pixel of the fp32 engines
     assert diff.max() > 0  # and it really ran in bf16 (its rounding changes some pixels)
-    with pytest.raises(ValueError, match="fp32 or bf16"):
+    with pytest.raises(SettingsError, match="fp32 or bf16"):
         load_engine(model, "torch", "cpu", "fp16")

@@ -74,7 +74,7 @@ def test_negative_seed_is_rejected_by_the_parser(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "lowdiff.cli",
+            "lowdiff",
             "sample",
             "--class-label",
             "1",

@@ -101,7 +101,7 @@ def stack(tmp_path: Path) -> Iterator[tuple[str, str]]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("LOWDIFF_API_KEY", None)
     server = subprocess.Popen(
-        [sys.executable, "-m", "lowdiff.cli", "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
+        [sys.executable, "-m", "lowdiff", "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
          "--port", str(port), "--max-delay-ms", "5", "--threads", "1"],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=(tmp_path / "serve.log").open("wb"),
     )  # fmt: skip

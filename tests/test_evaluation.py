@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lowdiff.errors import CheckpointError
 from lowdiff.evaluation import Classifier, classify, evaluate, frechet_distance
-from lowdiff.model import CheckpointError
 
 
 def test_frechet_distance_properties() -> None:

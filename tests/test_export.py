@@ -15,9 +15,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from engines import load_engine
-from export.manifest import ManifestError, read_manifest, weights_sha256
-from export.onnx_stages import StageGraph, example_inputs, export_onnx, stage_parameter_count
+from lowdiff.engines import load_engine
+from lowdiff.errors import ManifestError
+from lowdiff.export.manifest import read_manifest
+from lowdiff.export.onnx_stages import StageGraph, example_inputs, export_onnx, stage_parameter_count
+from lowdiff.hashing import weights_sha256
 from lowdiff.model import LowDiffModel
 from tests.conftest import tiny_config
 
@@ -147,7 +149,7 @@ def test_export_cli_from_checkpoint(model: LowDiffModel, tmp_path: Path) -> None
     model.save(checkpoint)
     out = tmp_path / "engines"
     proc = subprocess.run(
-        [sys.executable, "-m", "lowdiff.cli", "export", "--checkpoint", str(checkpoint), "--format", "onnx",
+        [sys.executable, "-m", "lowdiff", "export", "--checkpoint", str(checkpoint), "--format", "onnx",
          "--out", str(out)],
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from lowdiff.configs import get_config
+from lowdiff.errors import ConfigError, RequestError
 from lowdiff.model import LowDiffModel, TorchStage
-from lowdiff.sampler import FunctionStage
+from lowdiff.sampler import FunctionStage, generate_images
 from lowdiff.schedule import CascadeSchedule, StageSchedule
 
 
@@ -37,7 +38,7 @@ def test_each_stage_gets_exactly_its_nfe(tiny_model: LowDiffModel) -> None:
 
         return fn
 
-    tiny_model.generate([0, 1], [0, 1], runners={r: FunctionStage(counting(r)) for r in fns})
+    generate_images(tiny_model.schedule, {r: FunctionStage(counting(r)) for r in fns}, [0, 1], torch.tensor([0, 1]), 1)
     assert tuple(calls[r] for r in (8, 16, 32)) == tiny_model.schedule.nfe == (18, 13, 17)
 
 
@@ -53,7 +54,7 @@ def test_truncated_stage_hands_off_its_noise_level(tiny_model: LowDiffModel) -> 
 
         return fn
 
-    tiny_model.generate([0], [0], runners={r: FunctionStage(recording(r)) for r in fns})
+    generate_images(tiny_model.schedule, {r: FunctionStage(recording(r)) for r in fns}, [0], torch.tensor([0]), 1)
     stages = tiny_model.schedule.stages
     assert seen[16] == {round(float(stages[0].sigmas()[-1]), 5)}
     assert seen[32] == {round(float(stages[1].sigmas()[-1]), 5)}
@@ -70,11 +71,11 @@ def test_schedule_sigmas_follow_karras() -> None:
 
 
 def test_schedule_validation() -> None:
-    with pytest.raises(ValueError, match="truncate_at"):
+    with pytest.raises(ConfigError, match="truncate_at"):
         CascadeSchedule((StageSchedule(8, 10), StageSchedule(16, 10)))
-    with pytest.raises(ValueError, match="increase"):
+    with pytest.raises(ConfigError, match="increase"):
         CascadeSchedule((StageSchedule(16, 10, truncate_at=3), StageSchedule(8, 10)))
-    with pytest.raises(ValueError, match="truncate_at"):
+    with pytest.raises(ConfigError, match="truncate_at"):
         StageSchedule(8, 10, truncate_at=10)
 
 
@@ -86,7 +87,9 @@ def test_schedule_round_trips_through_dict() -> None:
 
 
 def test_class_label_validation(tiny_model: LowDiffModel) -> None:
-    with pytest.raises(ValueError, match="class_label"):
+    with pytest.raises(RequestError, match="out of range 0…9") as caught:
         tiny_model.generate([0], [10])
-    with pytest.raises(ValueError, match="class_label"):
+    assert caught.value.field == "class_label"
+    with pytest.raises(RequestError, match="required") as caught:
         tiny_model.generate([0], None)
+    assert caught.value.field == "class_label"

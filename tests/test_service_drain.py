@@ -34,7 +34,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path: Path) -> None:
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lowdiff.cli", "serve", "--checkpoint", str(tmp_path / "tiny.pt"),
+            [sys.executable, "-m", "lowdiff", "serve", "--checkpoint", str(tmp_path / "tiny.pt"),
              "--port", str(port), "--max-batch", "1", "--max-delay-ms", "0", "--grace-s", "120", "--threads", "1"],
             cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
         )  # fmt: skip

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from lowdiff.data import DataError, holdout_split, load_dataset, prepare_images
-from lowdiff.model import CheckpointError, LowDiffModel
+from lowdiff.data import holdout_split, load_dataset, prepare_images
+from lowdiff.errors import CheckpointError, DataError
+from lowdiff.model import LowDiffModel
 from lowdiff.training import Trainer, TrainOptions, cascade_loss
 
 from .conftest import tiny_config
@@ -87,7 +88,7 @@ def test_init_from_an_inference_checkpoint(tmp_path: Path) -> None:
     for a, b, c in zip(source.denoiser.net.parameters(), trainer.denoiser.net.parameters(), trainer.ema.parameters()):
         assert torch.equal(a, b) and torch.equal(a, c)
     other = Trainer(tiny_config((16, 32)), TrainOptions(), tmp_path / "run2")
-    with pytest.raises(ValueError, match="another network"):
+    with pytest.raises(CheckpointError, match="another network"):
         other.init_from(tmp_path / "src.pt")
 
 

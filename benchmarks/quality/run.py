@@ -44,14 +44,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from engines.bench import cpu_description, headless_pyplot, prepare, run_interleaved  # noqa: E402
-from lowdiff.cli import CLIError, _load_split  # noqa: E402
+from lowdiff.bench.machine import cpu_description  # noqa: E402
+from lowdiff.bench.measure import prepare, run_interleaved  # noqa: E402
+from lowdiff.bench.plots import headless_pyplot  # noqa: E402
 from lowdiff.configs import get_config  # noqa: E402
 from lowdiff.counting import build_denoiser, stage_gflops  # noqa: E402
+from lowdiff.data import load_split  # noqa: E402
+from lowdiff.errors import CheckpointError, LowDiffError  # noqa: E402
 from lowdiff.evaluation import Classifier, classify, frechet_distance, score_samples  # noqa: E402
-from lowdiff.model import CheckpointError, LowDiffModel  # noqa: E402
+from lowdiff.imaging import save_png, tile  # noqa: E402
+from lowdiff.model import LowDiffModel  # noqa: E402
 from lowdiff.schedule import CascadeSchedule, StageSchedule  # noqa: E402
-from lowdiff.training import save_png, tile  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -320,11 +323,11 @@ def main(argv: list[str] | None = None) -> None:
                      f"{classifier.num_classes} classes; the models make {net.img_channels}×{net.img_resolution}² "
                      f"images of {any_model.config.num_classes} classes")  # fmt: skip
     try:
-        train, held, _, held_labels = _load_split(
+        train, held, _, held_labels = load_split(
             args.data, args.holdout_per_class, any_model.config.pad, net.img_resolution, net.img_channels
         )
-    except CLIError as exc:
-        parser.error(str(exc).replace("--reference", "--data"))
+    except LowDiffError as exc:
+        parser.error(f"--data: {exc}")
     args.cache.mkdir(parents=True, exist_ok=True)
     samples = {
         p.name: cached_samples(p, models[p.model], args.num_samples if p.headline else args.sweep_samples, args.cache)

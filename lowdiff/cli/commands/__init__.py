@@ -1,0 +1,18 @@
+"""One module per command, each with ``register(sub)`` adding its parser; the root (:mod:`lowdiff.cli`)
+registers them in this order. A new command: a module here and one line below."""
+
+from __future__ import annotations
+
+from lowdiff.cli.commands import bench, evaluate, export, models, sample, serve, train
+
+COMMANDS = (
+    models.register,
+    sample.register,
+    train.register,
+    train.register_export_ema,
+    evaluate.register,
+    evaluate.register_train_classifier,
+    export.register,
+    bench.register,
+    serve.register,
+)

@@ -1,0 +1,145 @@
+"""``lowdiff train`` and ``lowdiff export-ema``: training runs and the small inference checkpoint they end in."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from lowdiff.cli.args import HelpFormatter, nonnegative_int, positive_float, positive_int, seed
+from lowdiff.data import DEFAULT_HOLDOUT_PER_CLASS
+from lowdiff.errors import DataError, SettingsError
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a config on a dataset (.npz, image folder, CIFAR-10 tarball)",
+        formatter_class=HelpFormatter,
+        description="Train a built-in config (`lowdiff models`). The run folder holds checkpoint.pt (saved "
+        "atomically every --checkpoint-every steps, every --checkpoint-minutes and on Ctrl-C/SIGTERM) and "
+        "sample grids; --resume continues it exactly.",
+    )
+    p.add_argument("--config", required=True, help="a built-in config name (`lowdiff models`)")
+    p.add_argument("--data", type=Path, required=True, help=".npz (images, labels), image folder or CIFAR-10 tarball")
+    p.add_argument("--run-dir", type=Path, required=True, help="folder for checkpoint.pt and sample grids")
+    p.add_argument(
+        "--holdout-per-class",
+        type=nonnegative_int,
+        default=DEFAULT_HOLDOUT_PER_CLASS,
+        help="hold out the last N images of every class (not trained on; `lowdiff eval` scores against them)",
+    )
+    p.add_argument(
+        "--kimg", type=positive_float, default=200.0, help="training images, thousands (200 ≈ hours on a CPU)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per optimizer step")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    p.add_argument(
+        "--lr-rampup-kimg", type=float, default=10.0, help="linear learning-rate warm-up, thousands of images"
+    )
+    p.add_argument("--ema-halflife-kimg", type=positive_float, default=20.0, help="EMA half-life, thousands of images")
+    p.add_argument("--seed", type=seed, default=0, help="seed of initialisation and data order")
+    p.add_argument("--grid-every", type=nonnegative_int, default=1000, help="steps between sample grids (0 = never)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=250, help="steps between checkpoints")
+    p.add_argument("--checkpoint-minutes", type=positive_float, default=10.0, help="minutes between checkpoints")
+    p.add_argument("--threads", type=nonnegative_int, default=0, help="torch CPU threads (0 = torch's default)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    group.add_argument("--overwrite", action="store_true", help="start afresh even if RUN_DIR holds a checkpoint")
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from a checkpoint's (EMA) weights with a fresh optimizer, e.g. the embedded model",
+    )
+    p.add_argument(
+        "--keep-count",
+        action="store_true",
+        help="with --init-from: continue the step and training-image counts from the checkpoint's metadata",
+    )
+    p.add_argument("--export", type=Path, default=None, help="also write the final EMA weights here")
+    p.set_defaults(func=run)
+
+
+def register_export_ema(sub: Any) -> None:
+    p = sub.add_parser(
+        "export-ema", help="extract the EMA weights of a training checkpoint", formatter_class=HelpFormatter
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="a training run's checkpoint.pt")
+    p.add_argument("--out", type=Path, required=True, help="the inference checkpoint to write")
+    p.set_defaults(func=run_export_ema)
+
+
+def run(args: argparse.Namespace) -> None:
+    from lowdiff.configs import get_config
+    from lowdiff.data import holdout_split, load_dataset, prepare_images
+    from lowdiff.training import Trainer, TrainOptions
+
+    config = get_config(args.config)
+    if args.keep_count and args.init_from is None:
+        raise SettingsError("only with --init-from", "keep_count")
+    images, labels = load_dataset(args.data)
+    train_idx, _ = holdout_split(labels, args.holdout_per_class)
+    if len(train_idx) == 0:
+        raise DataError(f"{args.data}: the hold-out of {args.holdout_per_class} per class leaves nothing to train on")
+    net = config.network
+    x = prepare_images(images[train_idx], config.pad, net.img_resolution, net.img_channels)
+    y = labels[train_idx] if config.conditional else None
+    if y is not None:
+        found = int(labels.max()) + 1
+        if found > config.num_classes:
+            raise DataError(f"label {found - 1} is out of range for {config.name} ({config.num_classes} classes)")
+        if found < config.num_classes:
+            print(
+                f"warning: {args.data} has {found} classes, {config.name} has {config.num_classes}: "
+                f"class labels {found}…{config.num_classes - 1} will never be trained",
+                file=sys.stderr,
+            )
+    options = TrainOptions(
+        batch_size=args.batch_size,
+        total_kimg=args.kimg,
+        lr=args.lr,
+        seed=args.seed,
+        grid_every=args.grid_every,
+        checkpoint_every=args.checkpoint_every,
+        checkpoint_minutes=args.checkpoint_minutes,
+        threads=args.threads,
+        ema_halflife_kimg=args.ema_halflife_kimg,
+        lr_rampup_kimg=args.lr_rampup_kimg,
+    )
+    trainer = Trainer(config, options, args.run_dir)
+    if trainer.checkpoint_path.exists() and not (args.resume or args.overwrite):
+        raise SettingsError(
+            f"{args.run_dir} already holds a training checkpoint; pass --resume to continue it or --overwrite "
+            "to start afresh",
+            "run_dir",
+        )
+    if args.resume and trainer.resume():
+        print(f"resumed from {trainer.checkpoint_path} at {trainer.nimg / 1000:.1f} kimg", file=sys.stderr)
+    elif args.init_from is not None:
+        trainer.init_from(args.init_from, keep_count=args.keep_count)
+        print(f"initialised from {args.init_from}", file=sys.stderr)
+    print(f"training {config.name} on {len(x)} images from {args.data} into {args.run_dir}", file=sys.stderr)
+    interrupted = trainer.fit(x, y, log=sys.stderr)
+    print(
+        f"{'interrupted' if interrupted else 'done'} at step {trainer.step} ({trainer.nimg / 1000:.1f} kimg); "
+        f"checkpoint: {trainer.checkpoint_path}",
+        file=sys.stderr,
+    )
+    if interrupted:
+        raise SystemExit(130)
+    if args.export:
+        trainer.ema_model().save(args.export)
+        print(f"EMA weights written to {args.export}", file=sys.stderr)
+
+
+def run_export_ema(args: argparse.Namespace) -> None:
+    """Write the EMA weights of a training checkpoint as a small inference checkpoint."""
+    from lowdiff.model import load_model, read_checkpoint
+
+    payload = read_checkpoint(args.checkpoint)
+    model = load_model(args.checkpoint)
+    model.metadata = dict(payload.get("metadata", {}))
+    model.save(args.out)
+    print(args.out)

@@ -1,0 +1,239 @@
+"""The routes: ``POST /generate``, ``/v1/models``, health, readiness and metrics.
+
+Each route checks what only it knows (readiness, the Accept header, the queue) and leaves request
+validation to :mod:`lowdiff.requests` and error answers to :mod:`lowdiff.service.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import logging
+import secrets
+import time
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from lowdiff.imaging import grid_png_bytes, png_bytes
+from lowdiff.requests import MAX_SEED, generation_request
+from lowdiff.service.batcher import Batcher, EngineFailure, QueueFull
+from lowdiff.service.errors import APIError
+from lowdiff.service.schemas import GenerateRequest, GenerateResponse, ImageOut, Timings
+from lowdiff.service.state import Service
+
+log = logging.getLogger("lowdiff.service")
+
+
+SERVED_TYPES = ("application/json", "image/png")
+_MATCHES = {
+    "application/json": "application/json",
+    "application/*": "application/json",
+    "*/*": "application/json",
+    "image/png": "image/png",
+    "image/*": "image/png",
+}
+
+
+def negotiate(accept: str | None) -> str | None:
+    """The served media type the Accept header prefers (q-values honoured, ties by order); JSON when
+    there is no header; None when it accepts none of :data:`SERVED_TYPES` (answered 406)."""
+    if not accept or not accept.strip():
+        return "application/json"
+    best: tuple[float, int] | None = None
+    chosen: str | None = None
+    for position, part in enumerate(accept.split(",")):
+        items = [p.strip() for p in part.split(";")]
+        media = _MATCHES.get(items[0].lower())
+        q = 1.0
+        for param in items[1:]:
+            if param.startswith("q="):
+                try:
+                    q = float(param[2:])
+                except ValueError:
+                    q = 0.0
+        if media is None or not q > 0:
+            continue
+        rank = (q, -position)
+        if best is None or rank > best:
+            best, chosen = rank, media
+    return chosen
+
+
+def wants_png(accept: str | None) -> bool:
+    return negotiate(accept) == "image/png"
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def check_accepting(service: Service) -> Batcher:
+    if service.draining:
+        raise APIError(503, "server is shutting down", None, {"Retry-After": "5", "Connection": "close"})
+    if service.state == "failed":
+        raise APIError(503, f"engine failed to load: {service.failure}")
+    if not service.ready or service.batcher is None or service.engine_info is None:
+        raise APIError(503, f"not ready ({service.state})", None, {"Retry-After": "5"})
+    return service.batcher
+
+
+def add_routes(app: FastAPI, service: Service) -> None:
+    settings = service.settings
+    bearer = HTTPBearer(auto_error=False, description="required when the server sets LOWDIFF_API_KEY")
+
+    def require_api_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+        if settings.api_key is None:
+            return
+        given = credentials.credentials if credentials is not None else ""
+        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+            raise APIError(
+                401, "Authorization: missing or wrong bearer token", "Authorization", {"WWW-Authenticate": "Bearer"}
+            )
+
+    @app.post(
+        "/generate",
+        response_model=GenerateResponse,
+        dependencies=[Depends(require_api_key)],
+        responses={
+            200: {
+                "content": {"image/png": {}},
+                "description": "JSON, or with Accept: image/png the PNG (a grid if num_images > 1)",
+            },
+            400: {"description": "malformed JSON"},
+            401: {"description": "API key required"},
+            406: {"description": "the Accept header allows neither application/json nor image/png"},
+            408: {"description": "the request body was not received within --body-timeout-s"},
+            413: {"description": "body too large"},
+            422: {"description": "a field is missing, of the wrong type or out of range (named in `field`)"},
+            429: {"description": "queue full; see Retry-After"},
+            500: {"description": "the engine failed on a batch holding this request"},
+            503: {"description": "not ready, or shutting down"},
+            504: {"description": "not done within timeout_s"},
+        },
+    )
+    async def generate(body: GenerateRequest, request: Request) -> Response:
+        """Generate `num_images` images of `class_label`; image k uses seed `seed + k`."""
+        accepted = time.monotonic()
+        media = negotiate(request.headers.get("accept"))
+        if media is None:
+            raise APIError(406, f"Accept: this endpoint serves {' or '.join(SERVED_TYPES)}", "Accept")
+        batcher = check_accepting(service)
+        count = body.num_images
+        if count > settings.max_queue:
+            raise APIError(422, f"num_images: this server queues at most {settings.max_queue} images", "num_images")
+        seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - count + 2)
+        assert service.engine_info is not None  # check_accepting
+        request_ = generation_request(service.engine_info, body.class_label, seed, count)
+        timeout = body.timeout_s if body.timeout_s is not None else settings.timeout_s
+        if timeout > settings.max_timeout_s:
+            raise APIError(422, f"timeout_s: must be ≤ {settings.max_timeout_s:g}", "timeout_s")
+        seeds = list(request_.seeds)
+        labels = list(request_.class_labels) if request_.class_labels is not None else [None] * count
+
+        service.in_flight += 1
+        service.metrics.in_flight.inc()
+        ticket = None
+        try:
+            try:
+                ticket = batcher.submit(seeds, labels, deadline=accepted + timeout)
+            except QueueFull as exc:
+                raise APIError(429, "queue full, retry later", None, {"Retry-After": str(exc.retry_after_s)}) from None
+            watcher = asyncio.ensure_future(_wait_disconnect(request))
+            aborted = asyncio.ensure_future(service.aborted.wait())
+            try:
+                done, _ = await asyncio.wait(
+                    {ticket.future, watcher, aborted},
+                    timeout=max(0.0, accepted + timeout - time.monotonic()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                watcher.cancel()
+                aborted.cancel()
+            if ticket.future in done and not ticket.future.cancelled():
+                failure = ticket.future.exception()
+                if failure is not None:
+                    message = str(failure) if isinstance(failure, EngineFailure) else repr(failure)
+                    raise APIError(500, f"engine failed: {message}")
+                images = ticket.future.result()
+            elif watcher in done:
+                batcher.cancel(ticket, "disconnect")
+                log.info("client disconnected; unstarted work dropped")
+                return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+            elif aborted in done or ticket.cancelled not in (None, "deadline"):  # grace is over
+                batcher.cancel(ticket, "shutdown")
+                raise APIError(
+                    503,
+                    "server is shutting down; retry on another replica",
+                    None,
+                    {"Retry-After": "1", "Connection": "close"},
+                )
+            else:
+                batcher.cancel(ticket, "deadline")
+                raise APIError(504, f"timeout_s: not done within {timeout:g} s", "timeout_s")
+        finally:
+            if ticket is not None and not ticket.future.done():
+                batcher.cancel(ticket, "disconnect")  # the handler itself was cancelled
+            service.in_flight -= 1
+            service.metrics.in_flight.dec()
+
+        model_name = service.engine_info.model
+        timing_header = {
+            "Server-Timing": f"queue;dur={ticket.queue_s * 1000:.1f}, compute;dur={ticket.compute_s * 1000:.1f}",
+            "X-LowDiff-Seed": str(seed),
+            "X-LowDiff-Model": model_name,
+        }
+        if media == "image/png":
+            content = await asyncio.to_thread(grid_png_bytes, images) if count > 8 else grid_png_bytes(images)
+            if body.class_label is not None:
+                timing_header["X-LowDiff-Class-Label"] = str(body.class_label)
+            return Response(content, media_type="image/png", headers=timing_header)
+        out = [
+            ImageOut(seed=s, class_label=body.class_label, png_base64=base64.b64encode(png_bytes(im)).decode("ascii"))
+            for s, im in zip(seeds, images)
+        ]
+        timings = Timings(queue_s=ticket.queue_s, compute_s=ticket.compute_s, total_s=time.monotonic() - accepted)
+        payload = GenerateResponse(images=out, model=model_name, timings=timings)
+        return JSONResponse(payload.model_dump(), headers=timing_header)
+
+    def model_info() -> dict[str, Any]:
+        info = service.info()
+        if not info:
+            raise APIError(503, f"not ready ({service.state})", None, {"Retry-After": "5"})
+        return info
+
+    @app.get("/v1/models", dependencies=[Depends(require_api_key)])
+    async def models() -> dict[str, Any]:
+        """Model name, config, resolutions, cascade schedule, NFE per stage, engine, device, precision, version."""
+        return model_info()
+
+    @app.get("/info", dependencies=[Depends(require_api_key)], include_in_schema=False)
+    async def info() -> dict[str, Any]:
+        return model_info()
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        """Liveness: 200 while the process serves; 503 if the engine failed to load."""
+        if service.state == "failed":
+            return JSONResponse({"status": "failed", "error": service.failure}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Readiness: 200 once the engine is loaded and warmed up; 503 before, and while draining."""
+        body: dict[str, Any] = {"status": service.state}
+        if service.batcher is not None:
+            body["queue_depth_images"] = service.batcher.queue_depth
+        return JSONResponse(body, status_code=200 if service.ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text exposition."""
+        return Response(service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

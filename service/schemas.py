@@ -1,0 +1,53 @@
+"""The HTTP protocol: request and response bodies of the service's endpoints (pydantic models)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lowdiff.requests import MAX_IMAGES_PER_REQUEST, MAX_SEED
+
+# A deadline shorter than this cannot be met by any batch; it is a client error, not a 504.
+MIN_TIMEOUT_S = 0.1
+
+
+class GenerateRequest(BaseModel):
+    """Strict types: "7" is not a class label and true is not a seed."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    class_label: int | None = Field(
+        None, ge=0, description="class index; required for conditional models, rejected for unconditional ones"
+    )
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="image k uses seed + k; drawn and returned if omitted"
+    )
+    num_images: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST, description="images in this request")
+    timeout_s: float | None = Field(
+        None, ge=MIN_TIMEOUT_S, description="deadline for this request in seconds (default: the server's)"
+    )
+
+
+class ImageOut(BaseModel):
+    seed: int
+    class_label: int | None
+    png_base64: str
+
+
+class Timings(BaseModel):
+    queue_s: float = Field(description="from acceptance until its first batch started")
+    compute_s: float = Field(description="from its first batch's start to its last batch's end")
+    total_s: float = Field(description="from acceptance until the response was ready")
+
+
+class GenerateResponse(BaseModel):
+    images: list[ImageOut]
+    model: str
+    timings: Timings
+
+
+class ErrorBody(BaseModel):
+    """Every error: a one-line message, the field it concerns (or null) and the request id."""
+
+    error: str
+    field: str | None
+    request_id: str | None

@@ -1,0 +1,152 @@
+"""The service's state: settings, metrics, engine, batcher and the lifecycle loading → warming up →
+ready → draining (or failed). The engine is loaded and warmed up in the background, in the engine
+thread, so ``/healthz`` answers at once and ``/readyz`` turns 200 only when a warm-up batch has run."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
+from typing import Any
+
+from lowdiff.engines import EngineInfo
+from lowdiff.errors import LowDiffError
+from lowdiff.model import LowDiffModel, load_model
+from lowdiff.requests import MAX_IMAGES_PER_REQUEST
+from lowdiff.service.batcher import Batcher, Engine
+from lowdiff.service.metrics import ServiceMetrics
+from lowdiff.service.settings import ServeSettings
+
+log = logging.getLogger("lowdiff.service")
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("lowdiff-serve")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class Service:
+    """Everything one app instance owns: settings, metrics, engine, batcher, lifecycle flags."""
+
+    def __init__(self, settings: ServeSettings, model: LowDiffModel | None = None, engine: Engine | None = None):
+        self.settings = settings
+        self.model = model
+        self.engine = engine
+        self.metrics = ServiceMetrics()
+        # One engine thread: loading, warm-up and every batch run there (some runtimes, CUDA graphs
+        # and TensorRT contexts, are happiest on the thread that created them).
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowdiff-engine")
+        self.batcher: Batcher | None = None
+        self.state = "loading"  # loading → warming up → ready → draining; or failed
+        self.failure: str | None = None
+        self.error: LowDiffError | None = None  # a load failure caused by what the user gave
+        self.in_flight = 0
+        self.engine_info: EngineInfo | None = None
+        self.aborted = asyncio.Event()  # set at the end of grace: open requests answer 503
+        self._load_task: asyncio.Task[None] | None = None
+
+    # --- lifecycle
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def draining(self) -> bool:
+        return self.state == "draining"
+
+    def begin_drain(self) -> None:
+        """SIGTERM: readiness and new requests turn 503; accepted requests still finish."""
+        if self.state != "draining":
+            log.info("draining: %d request(s) in flight", self.in_flight)
+        self.state = "draining"
+        self.metrics.ready.set(0)
+
+    def idle(self) -> bool:
+        return self.in_flight == 0
+
+    def abort_in_flight(self) -> None:
+        """End of grace (or a second SIGTERM): every request still open is answered 503 + Retry-After."""
+        self.aborted.set()
+
+    def engine_busy(self) -> bool:
+        return self.batcher is not None and self.batcher.running
+
+    async def start(self) -> None:
+        self._load_task = asyncio.get_running_loop().create_task(self._load(), name="lowdiff-load")
+
+    async def stop(self) -> None:
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        if self.batcher is not None:
+            await self.batcher.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _load(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            engine = await loop.run_in_executor(self.executor, self._load_engine)
+            self.engine = engine
+            self.engine_info = engine.info()
+            info = self.info()
+            self.metrics.info.info({k: str(info.get(k)) for k in ("model", "engine", "device", "precision", "version")})
+            if self.state == "loading":
+                self.state = "warming up"
+            started = time.monotonic()
+            await loop.run_in_executor(self.executor, engine.warmup, self.settings.warmup_batch)
+            log.info(
+                "engine ready",
+                extra={
+                    "warmup_s": round(time.monotonic() - started, 3),
+                    **{k: self.info().get(k) for k in ("model", "engine", "device")},
+                },
+            )
+            self.batcher = Batcher(
+                engine,
+                self.executor,
+                self.metrics,
+                max_batch=self.settings.max_batch,
+                max_delay_s=self.settings.max_delay_ms / 1000,
+                max_queue=self.settings.max_queue,
+            )
+            self.batcher.start()
+            if self.state == "warming up":
+                self.state = "ready"
+                self.metrics.ready.set(1)
+        except LowDiffError as exc:  # what the user gave: one line, and `lowdiff serve` exits with status 2
+            self.error = exc
+            self.failure = exc.one_line()
+            self.state = "failed"
+            log.error("engine failed to load: %s", self.failure)
+        except Exception as exc:
+            self.failure = f"{type(exc).__name__}: {exc}"
+            self.state = "failed"
+            log.exception("engine failed to load or warm up")
+
+    def _load_engine(self) -> Engine:
+        """Runs in the engine thread."""
+        if self.engine is not None:
+            return self.engine
+        from lowdiff.engines import load_engine
+
+        s = self.settings
+        if self.model is None:
+            self.model = load_model(s.checkpoint, s.config)
+        return load_engine(
+            self.model, s.engine, s.device, s.precision, engine_dir=s.engine_dir, threads=s.threads or None
+        )
+
+    def info(self) -> dict[str, Any]:
+        """``/v1/models``: the engine's typed information plus what this server adds; {} before loading."""
+        if self.engine_info is None:
+            return {}
+        info = self.engine_info.to_dict()
+        config = getattr(self.model, "config", None)
+        info["config"] = config.name if config is not None else info["model"]
+        info["version"] = package_version()
+        info["max_batch"] = self.settings.max_batch
+        info["max_images_per_request"] = min(MAX_IMAGES_PER_REQUEST, self.settings.max_queue)
+        return info
