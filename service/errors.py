@@ -9,6 +9,7 @@ unexpected are answered here too, in the same shape. Nothing else writes an erro
 from __future__ import annotations
 
 import logging
+import sys
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -64,6 +65,18 @@ def validation_response(request: Request, exc: RequestValidationError) -> JSONRe
     return error_response(422, message, field)
 
 
+def body_problem(cause: BaseException) -> str:
+    """Why a body that is not a JSON decode error could not be parsed (FastAPI answers these with a
+    bare "There was an error parsing the body" and keeps the reason as the exception's cause)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"body: not valid UTF-8 (byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "body: nested too deeply"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return f"body: integer too large (more than {sys.get_int_max_str_digits()} digits)"
+    return f"body: could not be parsed ({type(cause).__name__})"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def on_api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -79,4 +92,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.__cause__ is not None:  # the body could not be parsed
+            return error_response(400, body_problem(exc.__cause__), "body")
         return error_response(exc.status_code, str(exc.detail), None, dict(exc.headers or {}))

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -23,13 +23,17 @@ from lowdiff.imaging import grid_png_bytes, png_bytes
 from lowdiff.requests import MAX_SEED, generation_request
 from lowdiff.service.batcher import Batcher, EngineFailure, QueueFull
 from lowdiff.service.errors import APIError
-from lowdiff.service.schemas import GenerateRequest, GenerateResponse, ImageOut, Timings
+from lowdiff.service.openapi import CONNECTION_CAP_503, RETRY_AFTER, auth_responses, error_doc
+from lowdiff.service.schemas import GenerateRequest, GenerateResponse, HealthBody, ImageOut, ReadyBody, Timings
 from lowdiff.service.state import Service
 
 log = logging.getLogger("lowdiff.service")
 
 
 SERVED_TYPES = ("application/json", "image/png")
+STRING = {"type": "string"}
+PLAIN = {"content": {"text/plain": {"schema": STRING}}}
+SEED_SCHEMA = {"type": "integer", "minimum": 0, "maximum": MAX_SEED}
 _MATCHES = {
     "application/json": "application/json",
     "application/*": "application/json",
@@ -87,7 +91,7 @@ def check_accepting(service: Service) -> Batcher:
 
 def add_routes(app: FastAPI, service: Service) -> None:
     settings = service.settings
-    bearer = HTTPBearer(auto_error=False, description="required when the server sets LOWDIFF_API_KEY")
+    bearer = HTTPBearer(auto_error=False, description="the server's LOWDIFF_API_KEY")
 
     def require_api_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
         if settings.api_key is None:
@@ -98,25 +102,46 @@ def add_routes(app: FastAPI, service: Service) -> None:
                 401, "Authorization: missing or wrong bearer token", "Authorization", {"WWW-Authenticate": "Bearer"}
             )
 
+    # The key is fixed at start: without one, no route depends on it and the document shows no security.
+    keyed = [Depends(require_api_key)] if settings.api_key is not None else []
+    auth = auth_responses(settings)
+    not_ready = error_doc(
+        "not ready (loading, warming up, engine failed) or shutting down",
+        headers={"Retry-After": RETRY_AFTER},
+        plain_503=True,
+    )
+
     @app.post(
         "/generate",
         response_model=GenerateResponse,
-        dependencies=[Depends(require_api_key)],
+        dependencies=keyed,
         responses={
             200: {
-                "content": {"image/png": {}},
+                "content": {"image/png": {"schema": {"type": "string", "contentMediaType": "image/png"}}},
                 "description": "JSON, or with Accept: image/png the PNG (a grid if num_images > 1)",
+                "headers": {
+                    "X-LowDiff-Seed": {
+                        "description": "the first image's seed",
+                        "required": True,
+                        "schema": SEED_SCHEMA,
+                    },
+                    "X-LowDiff-Model": {"description": "the model's name", "required": True, "schema": STRING},
+                    "Server-Timing": {"description": "queue and compute time (ms)", "required": True, "schema": STRING},
+                },
             },
-            400: {"description": "malformed JSON"},
-            401: {"description": "API key required"},
-            406: {"description": "the Accept header allows neither application/json nor image/png"},
-            408: {"description": "the request body was not received within --body-timeout-s"},
-            413: {"description": "body too large"},
-            422: {"description": "a field is missing, of the wrong type or out of range (named in `field`)"},
-            429: {"description": "queue full; see Retry-After"},
-            500: {"description": "the engine failed on a batch holding this request"},
-            503: {"description": "not ready, or shutting down"},
-            504: {"description": "not done within timeout_s"},
+            400: error_doc("the body is not JSON: malformed, not UTF-8, an integer too large, nested too deeply"),
+            **auth,
+            406: error_doc("the Accept header allows neither application/json nor image/png"),
+            408: error_doc("the request body was not received within --body-timeout-s"),
+            413: error_doc("body larger than --max-body-bytes"),
+            422: error_doc("a field is missing, of the wrong type or out of range (named in `field`)"),
+            429: error_doc(
+                "more than --max-queue images queued; retry after Retry-After seconds",
+                headers={"Retry-After": {**RETRY_AFTER, "required": True}},
+            ),
+            500: error_doc("the engine failed on a batch holding this request"),
+            503: not_ready,
+            504: error_doc("not done within timeout_s (its unstarted images are dropped)"),
         },
     )
     async def generate(body: GenerateRequest, request: Request) -> Response:
@@ -209,23 +234,39 @@ def add_routes(app: FastAPI, service: Service) -> None:
             raise APIError(503, f"not ready ({service.state})", None, {"Retry-After": "5"})
         return info
 
-    @app.get("/v1/models", dependencies=[Depends(require_api_key)])
+    @app.get("/v1/models", dependencies=keyed, responses={**auth, 503: not_ready})
     async def models() -> dict[str, Any]:
         """Model name, config, resolutions, cascade schedule, NFE per stage, engine, device, precision, version."""
         return model_info()
 
-    @app.get("/info", dependencies=[Depends(require_api_key)], include_in_schema=False)
+    @app.get("/info", dependencies=keyed, include_in_schema=False)
     async def info() -> dict[str, Any]:
         return model_info()
 
-    @app.get("/healthz")
+    @app.get(
+        "/healthz",
+        response_model=HealthBody,
+        responses={
+            503: {"model": HealthBody, "description": f"the engine failed to load; {CONNECTION_CAP_503}", **PLAIN}
+        },
+    )
     async def healthz() -> JSONResponse:
         """Liveness: 200 while the process serves; 503 if the engine failed to load."""
         if service.state == "failed":
             return JSONResponse({"status": "failed", "error": service.failure}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/readyz")
+    @app.get(
+        "/readyz",
+        response_model=ReadyBody,
+        responses={
+            503: {
+                "model": ReadyBody,
+                "description": f"loading, warming up, draining or failed; {CONNECTION_CAP_503}",
+                **PLAIN,
+            }
+        },
+    )
     async def readyz() -> JSONResponse:
         """Readiness: 200 once the engine is loaded and warmed up; 503 before, and while draining."""
         body: dict[str, Any] = {"status": service.state}
@@ -233,7 +274,14 @@ def add_routes(app: FastAPI, service: Service) -> None:
             body["queue_depth_images"] = service.batcher.queue_depth
         return JSONResponse(body, status_code=200 if service.ready else 503)
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={
+            200: {"content": {"text/plain": {"schema": STRING}}, "description": "Prometheus text exposition"},
+            503: {"content": {"text/plain": {"schema": STRING}}, "description": CONNECTION_CAP_503},
+        },
+    )
     async def metrics() -> Response:
         """Prometheus text exposition."""
         return Response(service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

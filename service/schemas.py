@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from lowdiff.requests import MAX_IMAGES_PER_REQUEST, MAX_SEED
 
@@ -10,18 +12,31 @@ from lowdiff.requests import MAX_IMAGES_PER_REQUEST, MAX_SEED
 MIN_TIMEOUT_S = 0.1
 
 
+def _integral(value: object) -> object:
+    """7.0 is the integer 7 in JSON (and to JSON Schema's "integer"); 7.5, "7" and true are not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Integer fields of a strict model that take JSON numbers with no fractional part, as their schema says
+# (the validator wraps the whole union: inside it, pydantic would write ge/le into the schema as such).
+JSONInt = Annotated[int, BeforeValidator(_integral)]
+OptionalJSONInt = Annotated[int | None, BeforeValidator(_integral)]
+
+
 class GenerateRequest(BaseModel):
-    """Strict types: "7" is not a class label and true is not a seed."""
+    """Strict types: "7" is not a class label and true is not a seed (7.0 is 7, as in JSON Schema)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    class_label: int | None = Field(
+    class_label: OptionalJSONInt = Field(
         None, ge=0, description="class index; required for conditional models, rejected for unconditional ones"
     )
-    seed: int | None = Field(
+    seed: OptionalJSONInt = Field(
         None, ge=0, le=MAX_SEED, description="image k uses seed + k; drawn and returned if omitted"
     )
-    num_images: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST, description="images in this request")
+    num_images: JSONInt = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST, description="images in this request")
     timeout_s: float | None = Field(
         None, ge=MIN_TIMEOUT_S, description="deadline for this request in seconds (default: the server's)"
     )
@@ -51,3 +66,18 @@ class ErrorBody(BaseModel):
     error: str
     field: str | None
     request_id: str | None
+
+
+class HealthBody(BaseModel):
+    """``/healthz``: ``ok``, or ``failed`` with the reason."""
+
+    status: str
+    error: str | None = None
+
+
+class ReadyBody(BaseModel):
+    """``/readyz``: the lifecycle state (``loading``, ``warming up``, ``ready``, ``draining``, ``failed``)
+    and, once the batcher runs, the queued images."""
+
+    status: str
+    queue_depth_images: int | None = None

@@ -7,6 +7,7 @@ server closes its socket and the process exits 0. A second signal exits at once.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -74,6 +75,25 @@ class DrainingServer(uvicorn.Server):
         return self._aborted_at is not None and (self.service.idle() or now - self._aborted_at > ABORT_FLUSH_S)
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def warn_if_open(settings: ServeSettings) -> None:
+    """A warning in the log when anyone who can reach a non-loopback address may generate."""
+    if settings.api_key is None and not is_loopback(settings.host):
+        log.warning(
+            "serving without an API key on %s: anyone who can reach this address can generate "
+            "(set LOWDIFF_API_KEY to require 'Authorization: Bearer <key>')",
+            settings.host,
+        )
+
+
 def serve(settings: ServeSettings) -> int:
     """Run until drained; 0 after a clean drain, 1 if the engine failed to load for an internal reason.
 
@@ -84,12 +104,7 @@ def serve(settings: ServeSettings) -> int:
     check_engine_options(settings.engine, settings.engine_dir, settings.device)
     model = load_model(settings.checkpoint, settings.config)
     configure_logging(settings.log_level)
-    if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning(
-            "serving without an API key on %s: anyone who can reach this address can generate "
-            "(set LOWDIFF_API_KEY to require 'Authorization: Bearer <key>')",
-            settings.host,
-        )
+    warn_if_open(settings)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     app = create_app(settings, model=model)
@@ -100,7 +115,9 @@ def serve(settings: ServeSettings) -> int:
         log_config=None,
         access_log=False,  # our middleware logs every request with its id
         timeout_graceful_shutdown=1,  # after the drain only responses still being written are left
-        limit_concurrency=settings.max_connections,  # past it: 503 at once, not a held descriptor
+        # Past it: 503 at once, not a held descriptor. uvicorn refuses when the open connections,
+        # the one asking included, reach its limit: +1 serves exactly --max-connections of them.
+        limit_concurrency=settings.max_connections + 1,
         lifespan="on",
     )
     service: Service = app.state.service
