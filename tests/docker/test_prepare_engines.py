@@ -12,9 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.service_support import tiny_fast_model
-
-SCRIPT = Path(__file__).resolve().parent.parent / "docker" / "prepare_engines.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "docker" / "prepare_engines.py"
 
 
 def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -24,7 +22,7 @@ def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_onnx_engines_are_built_once_into_a_folder_named_by_checkpoint(tmp_path: Path) -> None:
+def test_onnx_engines_are_built_once_into_a_folder_named_by_checkpoint(tiny_fast_model, tmp_path: Path) -> None:
     checkpoint = tmp_path / "tiny.pt"
     tiny_fast_model().save(checkpoint)
     env = {
@@ -45,7 +43,7 @@ def test_onnx_engines_are_built_once_into_a_folder_named_by_checkpoint(tmp_path:
     assert again.stdout.strip() == str(folder)
 
 
-def test_engines_without_exports_and_tensorrt_refusal(tmp_path: Path) -> None:
+def test_engines_without_exports_and_tensorrt_refusal(tiny_fast_model, tmp_path: Path) -> None:
     torch_engine = run({"LOWDIFF_ENGINE": "torch", "LOWDIFF_ENGINE_CACHE": str(tmp_path)})
     assert torch_engine.returncode == 0 and "needs no exported engines" in torch_engine.stderr
 

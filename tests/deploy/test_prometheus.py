@@ -18,7 +18,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,9 +28,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.service_support import tiny_fast_model
-
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "helm" / "lowdiff" / "dashboards" / "lowdiff.json"
 PROMETHEUS = shutil.which("prometheus")
 SCRAPE_INTERVAL_S = 1
@@ -44,12 +41,6 @@ pytestmark = pytest.mark.skipif(
     reason="the prometheus binary is not installed (apt-get install prometheus; CI installs it in "
     "scripts/check-deploy.sh)",
 )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate: Any, timeout: float, what: str, proc: subprocess.Popen | None = None) -> Any:
@@ -93,7 +84,7 @@ def dashboard_queries() -> dict[tuple[str, str], str]:
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[tuple[str, str]]:
+def stack(tiny_fast_model, free_port, tmp_path: Path) -> Iterator[tuple[str, str]]:
     """(service URL, Prometheus URL), both on 127.0.0.1; both processes stopped afterwards."""
     checkpoint = tmp_path / "tiny.pt"
     tiny_fast_model().save(checkpoint)

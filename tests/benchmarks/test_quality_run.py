@@ -14,9 +14,8 @@ import torch
 
 from lowdiff.configs import get_config
 from lowdiff.model import LowDiffModel
-from tests.conftest import tiny_config
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "run.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "quality" / "run.py"
 
 
 def load_script() -> ModuleType:
@@ -49,7 +48,9 @@ def test_sweep_points_have_the_intended_nfe() -> None:
     assert [p.name for p in points.values() if p.headline] == ["lowdiff-paper", "edm-35"]
 
 
-def test_quality_run_end_to_end_and_reuses_its_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quality_run_end_to_end_and_reuses_its_cache(
+    tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(10, dtype=np.uint8), 8)
     data = tmp_path / "data.npz"
@@ -121,7 +122,7 @@ def test_quality_run_end_to_end_and_reuses_its_cache(tmp_path: Path, monkeypatch
     ],
 )
 def test_quality_run_rejects_bad_arguments_before_generating(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], needle: str
+    tiny_config, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], needle: str
 ) -> None:
     LowDiffModel(tiny_config()).save(tmp_path / "lowdiff.pt")
     LowDiffModel(tiny_config((32,))).save(tmp_path / "edm.pt")

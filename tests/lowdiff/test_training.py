@@ -1,17 +1,16 @@
+"""lowdiff.training: the cascade loss, steps that learn, the NaN guard, checkpoints, resume, init."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from lowdiff.data import holdout_split, load_dataset, prepare_images
-from lowdiff.errors import CheckpointError, DataError
+from lowdiff.data import prepare_images
+from lowdiff.errors import CheckpointError
 from lowdiff.model import LowDiffModel
 from lowdiff.training import Trainer, TrainOptions, cascade_loss
-
-from .conftest import tiny_config
 
 
 def _toy_data(n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,7 +19,7 @@ def _toy_data(n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     return prepare_images(images, pad=2, resolution=32, channels=1), torch.arange(n) % 10
 
 
-def test_cascade_loss_has_one_term_per_resolution() -> None:
+def test_cascade_loss_has_one_term_per_resolution(tiny_config) -> None:
     model = LowDiffModel(tiny_config())
     x, y = _toy_data(8)
     loss, per_res = cascade_loss(model.denoiser, x, y, (8, 16, 32), torch.Generator().manual_seed(0))
@@ -28,7 +27,7 @@ def test_cascade_loss_has_one_term_per_resolution() -> None:
     assert loss.item() == pytest.approx(sum(per_res.values()), rel=1e-5)
 
 
-def test_training_steps_reduce_loss_and_update_ema(tmp_path: Path) -> None:
+def test_training_steps_reduce_loss_and_update_ema(tiny_config, tmp_path: Path) -> None:
     trainer = Trainer(tiny_config(), TrainOptions(batch_size=16, lr=3e-3, lr_rampup_kimg=0.0), tmp_path)
     x, y = _toy_data(16)
     before = [p.clone() for p in trainer.ema.parameters()]
@@ -44,7 +43,7 @@ def test_training_steps_reduce_loss_and_update_ema(tmp_path: Path) -> None:
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.ema.parameters()))
 
 
-def test_nan_guard_skips_the_step(tmp_path: Path) -> None:
+def test_nan_guard_skips_the_step(tiny_config, tmp_path: Path) -> None:
     trainer = Trainer(tiny_config(), TrainOptions(batch_size=4), tmp_path)
     x, y = _toy_data(4)
     x[0, 0, 0, 0] = float("nan")
@@ -54,7 +53,7 @@ def test_nan_guard_skips_the_step(tmp_path: Path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(weights, trainer.denoiser.parameters()))
 
 
-def test_checkpoint_round_trip_and_resume(tmp_path: Path) -> None:
+def test_checkpoint_round_trip_and_resume(tiny_config, tmp_path: Path) -> None:
     options = TrainOptions(batch_size=8, total_kimg=0.016, grid_every=0, checkpoint_every=1000)
     trainer = Trainer(tiny_config(), options, tmp_path)
     x, y = _toy_data(16)
@@ -79,7 +78,7 @@ def test_checkpoint_round_trip_and_resume(tmp_path: Path) -> None:
     assert len(loaded.metadata["checkpoint_sha256"]) == 64
 
 
-def test_init_from_an_inference_checkpoint(tmp_path: Path) -> None:
+def test_init_from_an_inference_checkpoint(tiny_config, tmp_path: Path) -> None:
     torch.manual_seed(3)
     source = LowDiffModel(tiny_config())
     source.save(tmp_path / "src.pt")
@@ -90,55 +89,3 @@ def test_init_from_an_inference_checkpoint(tmp_path: Path) -> None:
     other = Trainer(tiny_config((16, 32)), TrainOptions(), tmp_path / "run2")
     with pytest.raises(CheckpointError, match="another network"):
         other.init_from(tmp_path / "src.pt")
-
-
-def test_checkpoint_errors(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="not found"):
-        LowDiffModel.load(tmp_path / "missing.pt")
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable"):
-        LowDiffModel.load(bad)
-
-
-def test_loaders(tmp_path: Path) -> None:
-    from PIL import Image
-
-    images = np.random.default_rng(0).integers(0, 256, (6, 28, 28), dtype=np.uint8)
-    labels = np.array([0, 0, 1, 1, 2, 2], dtype=np.uint8)
-    np.savez(tmp_path / "d.npz", images=images, labels=labels)
-    x, y = load_dataset(tmp_path / "d.npz")
-    assert x.shape == (6, 1, 28, 28) and y.tolist() == [0, 0, 1, 1, 2, 2]
-
-    for label in range(3):
-        (tmp_path / "folder" / f"class{label}").mkdir(parents=True)
-    for i, (img, label) in enumerate(zip(images, labels)):
-        Image.fromarray(img).save(tmp_path / "folder" / f"class{label}" / f"{i}.png")
-    fx, fy = load_dataset(tmp_path / "folder")
-    assert torch.equal(fx, x) and torch.equal(fy, y)
-
-    train, held = holdout_split(y, 1)
-    assert held.tolist() == [1, 3, 5] and train.tolist() == [0, 2, 4]
-
-    np.savez(tmp_path / "bad.npz", pictures=images)
-    with pytest.raises(DataError, match="missing array"):
-        load_dataset(tmp_path / "bad.npz")
-    with pytest.raises(DataError, match="not found"):
-        load_dataset(tmp_path / "nope.npz")
-
-
-def test_cifar10_tarball(tmp_path: Path) -> None:
-    import io
-    import pickle
-    import tarfile
-
-    rng = np.random.default_rng(0)
-    path = tmp_path / "cifar-10-python.tar.gz"
-    with tarfile.open(path, "w:gz") as tar:
-        for k in (1, 2):
-            blob = pickle.dumps({b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8), b"labels": [k, 0, 9]})
-            info = tarfile.TarInfo(f"cifar-10-batches-py/data_batch_{k}")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    x, y = load_dataset(path)
-    assert x.shape == (6, 3, 32, 32) and y.tolist() == [1, 0, 9, 2, 0, 9]

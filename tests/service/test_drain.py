@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -14,19 +13,13 @@ import httpx
 import torch
 
 from lowdiff.model import LowDiffModel
-from tests.conftest import tiny_config
-from tests.service_support import metric_value, wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path: Path) -> None:
+def test_sigterm_drains_in_flight_requests_then_exits_0(
+    tiny_config, wait_until, metric_value, free_port, tmp_path: Path
+) -> None:
     torch.manual_seed(0)
     LowDiffModel(tiny_config()).save(tmp_path / "tiny.pt")  # fashion32's full schedule: slow enough to drain
     port = free_port()
@@ -51,9 +44,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path: Path) -> None:
         with httpx.Client(base_url=url, timeout=120) as client, ThreadPoolExecutor(3) as pool:
             bodies = [{"class_label": k, "seed": 10 * k, "num_images": 3} for k in range(3)]
             futures = [pool.submit(client.post, "/generate", json=b) for b in bodies]
-            wait_until(
-                lambda: metric_value(client.get("/metrics").text, "lowdiff_requests_in_flight") == 3, timeout=60
-            )
+            wait_until(lambda: metric_value(client.get("/metrics").text, "lowdiff_requests_in_flight") == 3, timeout=60)
             proc.send_signal(signal.SIGTERM)
             with httpx.Client(base_url=url, timeout=30) as probe:  # fresh connections, as a load balancer's
                 wait_until(lambda: probe.get("/readyz").status_code == 503, timeout=30)
