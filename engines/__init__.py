@@ -28,8 +28,9 @@ from lowdiff.sampler import StageCallback, StageRunner, generate_images
 # torch: PyTorch eager (CPU/CUDA). cudagraph: PyTorch with each stage captured as CUDA graphs (GPU).
 # onnxruntime: the exported per-stage ONNX graphs (CPU EP; CUDA/TensorRT EPs on a GPU).
 # tensorrt: per-stage TensorRT engines (GPU; written against the docs, never run here).
-ENGINE_KINDS = ("torch", "cudagraph", "onnxruntime", "tensorrt")
-ENGINES_WITH_DIR = ("onnxruntime", "tensorrt")
+# compile: torch.compile (inductor) of each stage's evaluation (CPU; on CUDA inside CUDA graphs).
+ENGINE_KINDS = ("torch", "cudagraph", "onnxruntime", "tensorrt", "compile")
+ENGINES_WITH_DIR = ("onnxruntime", "tensorrt", "compile")  # compile: inductor's on-disk cache
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class EngineInfo:
     image_resolution: int
     checkpoint_sha256: str | None
     engine_dir: str | None
+    class_names: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -58,6 +60,7 @@ class EngineInfo:
         out = asdict(self)
         out["resolutions"] = list(self.resolutions)
         out["nfe_per_stage"] = list(self.nfe_per_stage)
+        out["class_names"] = list(self.class_names)
         return out
 
 
@@ -112,6 +115,7 @@ class CascadeEngine:
             schedule=config.schedule.to_dict(),
             conditional=config.conditional,
             num_classes=config.num_classes,
+            class_names=config.class_names,
             image_channels=config.network.img_channels,
             image_resolution=config.network.img_resolution,
             checkpoint_sha256=self.model.metadata.get("checkpoint_sha256"),
@@ -132,7 +136,7 @@ def check_engine_options(kind: str, engine_dir: str | Path | None, device: str =
         raise SettingsError(
             "engine 'tensorrt' needs one: build it with `lowdiff export --format tensorrt`", "engine_dir"
         )
-    if engine_dir is not None and not Path(engine_dir).is_dir():
+    if engine_dir is not None and kind != "compile" and not Path(engine_dir).is_dir():
         raise SettingsError(f"not a folder: {engine_dir}", "engine_dir")
     needs_gpu = kind in ("cudagraph", "tensorrt") or device.startswith("cuda")
     if needs_gpu and not torch.cuda.is_available():
@@ -182,6 +186,10 @@ def load_engine(
             scratch = tempfile.TemporaryDirectory(prefix=f"lowdiff-onnx-{model.config.name}-")
             export_onnx(model, scratch.name)
         runners = onnxruntime_runners(model, engine_dir or scratch.name, device, precision, threads)
+    elif kind == "compile":
+        from lowdiff.engines.compiled import compiled_runners
+
+        runners = compiled_runners(model, device, precision, engine_dir)
     else:  # tensorrt
         from lowdiff.engines.tensorrt_engine import tensorrt_runners
 

@@ -20,7 +20,9 @@ stay allocated as long as the graph lives (see ``_Captured``). On a CPU-only mac
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -191,8 +193,12 @@ def cudagraph_runners(
     precision: str = "fp32",
     buckets: tuple[int, ...] = DEFAULT_BUCKETS,
     capture: bool = True,
+    transform: Callable[[Denoiser], Any] | None = None,
 ) -> dict[int, StageRunner]:
-    """One graph-replaying runner per stage; with ``capture`` every (stage, bucket) is captured now."""
+    """One graph-replaying runner per stage; with ``capture`` every (stage, bucket) is captured now.
+
+    ``transform`` replaces the denoiser that is captured (the ``compile`` engine passes
+    ``torch.compile``): whatever it returns is called exactly like the denoiser."""
     if precision not in PRECISIONS:
         raise SettingsError(f"expected one of {', '.join(PRECISIONS)}, got {precision!r}", "precision")
     if not torch.cuda.is_available():
@@ -205,6 +211,8 @@ def cudagraph_runners(
     if dev.type != "cuda":
         raise SettingsError(f"engine 'cudagraph' runs on 'cuda', not {device!r} (pass --device cuda)", "device")
     denoiser = copy.deepcopy(model.denoiser).to(dev).eval()  # NCHW: see engines/torch_eager.py
+    if transform is not None:
+        denoiser = transform(denoiser)
     pool = torch.cuda.graph_pool_handle()
     config = model.config
     runners: dict[int, StageRunner] = {}

@@ -26,6 +26,11 @@ class ModelConfig:
     preconditioning: Preconditioning = "vp"
     pad: int = 0  # pixels of black border added to each side of the dataset's images
     description: str = ""
+    class_names: tuple[str, ...] = ()  # one per class label (empty: the labels are only numbers)
+
+    def __post_init__(self) -> None:
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ConfigError(f"{len(self.class_names)} class names for {self.num_classes} classes", "class_names")
 
     @property
     def resolutions(self) -> tuple[int, ...]:
@@ -38,6 +43,12 @@ class ModelConfig:
     @property
     def num_classes(self) -> int:
         return self.network.label_dim
+
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
 
 
 def _cifar_net(label_dim: int, resolutions: tuple[int, ...]) -> NetworkConfig:
@@ -121,6 +132,7 @@ def _builtin() -> dict[str, ModelConfig]:
             _cifar_net(10, (32,)),
             EDM_35,
             description="EDM DDPM++ baseline, class-conditional CIFAR-10, NFE 35",
+            class_names=CIFAR10_CLASSES,
         ),
         ModelConfig(
             "edm-cifar10-uncond",
@@ -133,6 +145,7 @@ def _builtin() -> dict[str, ModelConfig]:
             _cifar_net(10, (8, 16, 32)),
             CIFAR_3STAGE,
             description="LowDiff 8-16-32, class-conditional CIFAR-10",
+            class_names=CIFAR10_CLASSES,
         ),
         ModelConfig(
             "cifar10-uncond",
@@ -145,6 +158,7 @@ def _builtin() -> dict[str, ModelConfig]:
             _cifar_net(10, (16, 32)),
             CIFAR_2STAGE,
             description="LowDiff 16-32, class-conditional CIFAR-10",
+            class_names=CIFAR10_CLASSES,
         ),
         ModelConfig("edm-ffhq64", _ffhq_net((64,)), EDM_79, description="EDM DDPM++ baseline, FFHQ 64×64, NFE 79"),
         ModelConfig("ffhq64", _ffhq_net((8, 16, 32, 64)), FFHQ_4STAGE, description="LowDiff 8-16-32-64, FFHQ 64×64"),
@@ -156,6 +170,7 @@ def _builtin() -> dict[str, ModelConfig]:
             preconditioning="edm",
             pad=2,
             description="small default: Fashion-MNIST padded to 32×32, LowDiff 8-16-32",
+            class_names=FASHION_MNIST_CLASSES,
         ),
         ModelConfig(
             "fashion32-2stage",
@@ -164,6 +179,7 @@ def _builtin() -> dict[str, ModelConfig]:
             preconditioning="edm",
             pad=2,
             description="fashion32 as LowDiff 16-32 (not trained; for the 2-stage comparison)",
+            class_names=FASHION_MNIST_CLASSES,
         ),
         ModelConfig(
             "edm-fashion32",
@@ -172,6 +188,7 @@ def _builtin() -> dict[str, ModelConfig]:
             preconditioning="edm",
             pad=2,
             description="single-resolution baseline of fashion32, NFE 35",
+            class_names=FASHION_MNIST_CLASSES,
         ),
     ]
     return {c.name: c for c in configs}

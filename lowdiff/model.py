@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lowdiff.configs import ModelConfig, get_config
+from lowdiff.configs import BUILTIN_CONFIGS, ModelConfig, get_config
 from lowdiff.errors import CheckpointError, ConfigError
 from lowdiff.hashing import file_sha256
 from lowdiff.network import NetworkConfig, UnifiedUNet
@@ -46,6 +46,7 @@ def config_to_dict(config: ModelConfig) -> dict[str, Any]:
         "preconditioning": config.preconditioning,
         "pad": config.pad,
         "description": config.description,
+        "class_names": list(config.class_names),
     }
 
 
@@ -56,7 +57,7 @@ def config_from_dict(data: Any) -> ModelConfig:
     missing = {"name", "network", "schedule", "preconditioning"} - set(data)
     if missing:
         raise ConfigError(f"missing key(s) {sorted(missing)}", "config")
-    unknown = set(data) - {"name", "network", "schedule", "preconditioning", "pad", "description"}
+    unknown = set(data) - {"name", "network", "schedule", "preconditioning", "pad", "description", "class_names"}
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)}", "config")
     try:
@@ -71,6 +72,12 @@ def config_from_dict(data: Any) -> ModelConfig:
         raise ConfigError(f"unknown preconditioning {data['preconditioning']!r}", "config")
     if schedule.resolutions != network.resolutions:
         raise ConfigError(f"schedule resolutions {schedule.resolutions} ≠ network's {network.resolutions}", "config")
+    names = data.get("class_names")
+    if names is None:  # checkpoints written before configs carried names: the built-in config's, if it fits
+        builtin = BUILTIN_CONFIGS.get(str(data["name"]))
+        names = builtin.class_names if builtin is not None and builtin.network == network else ()
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError("class_names must be a list of non-empty strings", "config")
     return ModelConfig(
         name=str(data["name"]),
         network=network,
@@ -78,6 +85,7 @@ def config_from_dict(data: Any) -> ModelConfig:
         preconditioning=data["preconditioning"],
         pad=int(data.get("pad", 0)),
         description=str(data.get("description", "")),
+        class_names=tuple(names),
     )
 
 

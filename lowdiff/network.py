@@ -236,6 +236,9 @@ class UnifiedUNet(nn.Module):
         self.outputs = nn.ModuleDict(
             {str(res): OutputHead(level_output_channels[c.level_of(res)], c.img_channels) for res in c.resolutions}
         )
+        # ModuleDict keys of each resolution, looked up rather than built with str() in forward:
+        # torch.compile (the `compile` engine) cannot trace str(int) in fullgraph mode.
+        self.resolution_keys: dict[int, str] = {res: str(res) for res in c.resolutions}
 
     def embedding(
         self,
@@ -274,7 +277,7 @@ class UnifiedUNet(nn.Module):
             if condition is None:
                 raise ValueError(f"stage {resolution} is conditioned: a condition image is required")
             x = torch.cat([x, condition.to(x.dtype)], dim=1)
-        x = self.inputs[str(resolution)](x)
+        x = self.inputs[self.resolution_keys[resolution]](x)
         skips = [x]
         for name, block in self.encoder.items():
             # The level's own down block is replaced by the input convolution.
@@ -288,7 +291,7 @@ class UnifiedUNet(nn.Module):
             if x.shape[1] != block.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)
             x = block(x, emb)
-        return self.outputs[str(resolution)](x)
+        return self.outputs[self.resolution_keys[resolution]](x)
 
     def stage_modules(self, resolution: int) -> list[str]:
         """Names of the submodules that running ``resolution`` uses (for tests and export)."""

@@ -29,6 +29,8 @@ class ClassSpace(Protocol):
     def conditional(self) -> bool: ...
     @property
     def num_classes(self) -> int: ...
+    @property
+    def class_names(self) -> tuple[str, ...]: ...
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,28 @@ def check_seeds(seeds: Sequence[int], field: str = "seed") -> tuple[int, ...]:
     return tuple(int(s) for s in seeds)
 
 
-def check_class_labels(config: ClassSpace, labels: Sequence[int | None] | None, count: int) -> tuple[int, ...] | None:
-    """One label per image for a conditional model (each in range); none for an unconditional one."""
+def class_index(config: ClassSpace, label: int | str) -> int:
+    """A class label as its index: an integer in range, or one of the model's class names (any case)."""
+    top = config.num_classes - 1
+    if isinstance(label, str):
+        wanted = label.strip().casefold()
+        for k, name in enumerate(config.class_names):
+            if name.casefold() == wanted:
+                return k
+        if wanted.isdigit():
+            return class_index(config, int(wanted))
+        valid = ", ".join(f"{k} {n!r}" for k, n in enumerate(config.class_names)) or f"0…{top}"
+        raise RequestError(f"unknown class {label!r}; valid: {valid}", "class_label")
+    if isinstance(label, bool) or not 0 <= int(label) <= top:
+        names = f" ({', '.join(config.class_names)})" if config.class_names else ""
+        raise RequestError(f"{label} is out of range 0…{top}{names}", "class_label")
+    return int(label)
+
+
+def check_class_labels(
+    config: ClassSpace, labels: Sequence[int | str | None] | None, count: int
+) -> tuple[int, ...] | None:
+    """One label per image for a conditional model (index or class name); none for an unconditional one."""
     if not config.conditional:
         if labels is not None and any(c is not None for c in labels):
             raise RequestError(f"{config.name} is unconditional and takes no class label", "class_label")
@@ -60,17 +82,12 @@ def check_class_labels(config: ClassSpace, labels: Sequence[int | None] | None, 
         raise RequestError(f"required for {config.name} (0…{top})", "class_label")
     if len(labels) != count:
         raise RequestError(f"{len(labels)} class labels for {count} images", "class_label")
-    out = []
-    for c in labels:
-        if isinstance(c, bool) or not 0 <= int(c) <= top:  # type: ignore[arg-type]
-            raise RequestError(f"{c} is out of range 0…{top}", "class_label")
-        out.append(int(c))  # type: ignore[arg-type]
-    return tuple(out)
+    return tuple(class_index(config, c) for c in labels)  # type: ignore[arg-type]
 
 
 def generation_request(
     config: ClassSpace,
-    class_label: int | None,
+    class_label: int | str | None,
     seed: int,
     num_images: int,
     max_images: int = MAX_IMAGES_PER_REQUEST,

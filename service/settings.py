@@ -42,7 +42,7 @@ API_KEY_ENV = "LOWDIFF_API_KEY"
 
 # The same names as lowdiff.engines.ENGINE_KINDS (a test checks), spelled out here so that
 # `lowdiff --help` and settings validation do not import torch through the engines package.
-EngineKind = Literal["torch", "cudagraph", "onnxruntime", "tensorrt"]
+EngineKind = Literal["torch", "cudagraph", "onnxruntime", "tensorrt", "compile"]
 ENGINE_KINDS: tuple[str, ...] = get_args(EngineKind)
 
 _ENV_ONLY = {"env_only": True}  # json_schema_extra of fields that have no flag
@@ -60,7 +60,9 @@ class ServeSettings(BaseSettings):
     config: str | None = Field(
         None, description="serve a built-in config with random, untrained weights (testing and load tests only)"
     )
-    engine_dir: Path | None = Field(None, description="folder of exported engines (passed to the engine loader)")
+    engine_dir: Path | None = Field(
+        None, description="onnxruntime/tensorrt: a folder from `lowdiff export`; compile: inductor's cache folder"
+    )
     engine: EngineKind = Field("torch", description="runtime that executes the cascade")
     device: Literal["cpu", "cuda"] = Field("cpu", description="device to run on")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
