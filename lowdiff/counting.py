@@ -42,12 +42,20 @@ def describe(config: ModelConfig) -> dict[str, Any]:
     stages = [
         {
             "resolution": stage.resolution,
-            "gflops_per_image": round(stage_gflops(denoiser, config, stage.resolution), 6),
+            "gflops_per_evaluation": round(stage_gflops(denoiser, config, stage.resolution), 6),
             "nfe": stage.nfe,
         }
         for stage in config.schedule.stages
     ]
-    return {"params": params, "stages": stages}
+    per_image = sum(s["gflops_per_evaluation"] * s["nfe"] for s in stages)
+    return {
+        "params": params,
+        "preconditioning": config.preconditioning,
+        "num_classes": config.num_classes,
+        "class_names": list(config.class_names),
+        "gflops_per_image": round(per_image, 6),
+        "stages": stages,
+    }
 
 
 def describe_all(names: list[str] | None = None) -> dict[str, dict[str, Any]]:

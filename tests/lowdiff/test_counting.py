@@ -31,8 +31,8 @@ def test_edm_baseline_is_exactly_edm() -> None:
 
 def test_flops_counted_per_stage_grow_with_resolution() -> None:
     info = describe(get_config("cifar10-cond"))
-    gflops = [s["gflops_per_image"] for s in info["stages"]]
+    gflops = [s["gflops_per_evaluation"] for s in info["stages"]]
     assert gflops == sorted(gflops) and gflops[0] > 0
     # The full-resolution sub-network costs what EDM's whole network costs (±0.1%).
-    edm = describe(get_config("edm-cifar10-cond"))["stages"][0]["gflops_per_image"]
+    edm = describe(get_config("edm-cifar10-cond"))["stages"][0]["gflops_per_evaluation"]
     assert abs(gflops[-1] / edm - 1) < 1e-3
