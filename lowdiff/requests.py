@@ -59,8 +59,6 @@ def class_index(config: ClassSpace, label: int | str) -> int:
         for k, name in enumerate(config.class_names):
             if name.casefold() == wanted:
                 return k
-        if wanted.isdigit():
-            return class_index(config, int(wanted))
         valid = ", ".join(f"{k} {n!r}" for k, n in enumerate(config.class_names)) or f"0…{top}"
         raise RequestError(f"unknown class {label!r}; valid: {valid}", "class_label")
     if isinstance(label, bool) or not 0 <= int(label) <= top:

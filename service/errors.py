@@ -41,8 +41,10 @@ def error_response(
 
 
 def _field_from_loc(loc: tuple[object, ...]) -> str:
+    """The request field an error is about. Bodies are flat, so it is the first name after ``body``;
+    what follows is pydantic's path inside the value (for a union, the member tried: ``int``, ``str``)."""
     parts = [str(p) for p in loc if p != "body"]
-    return ".".join(parts) if parts else "body"
+    return parts[0] if parts else "body"
 
 
 def validation_response(request: Request, exc: RequestValidationError) -> JSONResponse:

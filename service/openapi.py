@@ -70,8 +70,12 @@ def generate_request_schema(
             label.pop(key, None)
         if classes.conditional:
             top = classes.num_classes - 1
-            label.update(type="integer", minimum=0, maximum=top)
-            label["description"] = f"class index 0…{top}; required (the served model is class-conditional)"
+            index = {"type": "integer", "minimum": 0, "maximum": top}
+            if classes.class_names:
+                label["anyOf"] = [index, {"type": "string", "enum": list(classes.class_names)}]
+            else:
+                label.update(index)
+            label["description"] = f"class index 0…{top} or class name; required (the model is class-conditional)"
             required.append("class_label")
         else:
             label.update(type="null")

@@ -161,6 +161,9 @@ def add_routes(app: FastAPI, service: Service) -> None:
         if timeout > settings.max_timeout_s:
             raise APIError(422, f"timeout_s: must be ≤ {settings.max_timeout_s:g}", "timeout_s")
         seeds = list(request_.seeds)
+        label = request_.class_labels[0] if request_.class_labels is not None else None
+        names = service.engine_info.class_names
+        name = names[label] if label is not None and label < len(names) else None
         labels = list(request_.class_labels) if request_.class_labels is not None else [None] * count
 
         service.in_flight += 1
@@ -217,11 +220,16 @@ def add_routes(app: FastAPI, service: Service) -> None:
         }
         if media == "image/png":
             content = await asyncio.to_thread(grid_png_bytes, images) if count > 8 else grid_png_bytes(images)
-            if body.class_label is not None:
-                timing_header["X-LowDiff-Class-Label"] = str(body.class_label)
+            if label is not None:
+                timing_header["X-LowDiff-Class-Label"] = str(label)
             return Response(content, media_type="image/png", headers=timing_header)
         out = [
-            ImageOut(seed=s, class_label=body.class_label, png_base64=base64.b64encode(png_bytes(im)).decode("ascii"))
+            ImageOut(
+                seed=s,
+                class_label=label,
+                class_name=name,
+                png_base64=base64.b64encode(png_bytes(im)).decode("ascii"),
+            )
             for s, im in zip(seeds, images)
         ]
         timings = Timings(queue_s=ticket.queue_s, compute_s=ticket.compute_s, total_s=time.monotonic() - accepted)

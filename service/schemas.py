@@ -23,6 +23,7 @@ def _integral(value: object) -> object:
 # (the validator wraps the whole union: inside it, pydantic would write ge/le into the schema as such).
 JSONInt = Annotated[int, BeforeValidator(_integral)]
 OptionalJSONInt = Annotated[int | None, BeforeValidator(_integral)]
+ClassLabel = Annotated[int | str | None, BeforeValidator(_integral)]
 
 
 class GenerateRequest(BaseModel):
@@ -30,8 +31,10 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    class_label: OptionalJSONInt = Field(
-        None, ge=0, description="class index; required for conditional models, rejected for unconditional ones"
+    class_label: ClassLabel = Field(
+        None,
+        description="class index or class name (GET /v1/models lists them); required for conditional models, "
+        "rejected for unconditional ones",
     )
     seed: OptionalJSONInt = Field(
         None, ge=0, le=MAX_SEED, description="image k uses seed + k; drawn and returned if omitted"
@@ -44,7 +47,8 @@ class GenerateRequest(BaseModel):
 
 class ImageOut(BaseModel):
     seed: int
-    class_label: int | None
+    class_label: int | None = Field(description="the class index (also when the request named the class)")
+    class_name: str | None = Field(None, description="the class's name, when the model has names")
     png_base64: str
 
 
