@@ -166,6 +166,7 @@ class QualityReport:
     class_agreement_per_class: list[float] | None = None
     inception_fid: float | None = None
     inception_fid_error: str | None = None  # why Inception FID was asked for but not computed
+    warnings: list[str] | None = None  # what makes these figures hard to compare or to trust
 
     def as_dict(self) -> dict[str, Any]:
         def rounded(v: Any) -> Any:
@@ -296,9 +297,13 @@ def evaluate(
     start = time.perf_counter()
     num_classes = classifier.num_classes if reference_labels is not None else 0
     samples, labels = generate_samples(generate, num_samples, num_classes, batch_size, seed0, log)
+    if log is not None:
+        print(f"scoring {len(reference)} held-out reference images…", file=log, flush=True)
     ref_preds, ref_feats = classify(classifier, reference)
     scores = score_samples(samples, labels, classifier, ref_feats)
     ceiling = float((ref_preds == reference_labels).float().mean()) if reference_labels is not None else None
+    if training is not None and log is not None:
+        print(f"scoring {len(training)} training images for the FD floor…", file=log, flush=True)
     floor = frechet_distance(ref_feats, classify(classifier, training)[1]) if training is not None else None
     report = QualityReport(
         num_samples=num_samples,
@@ -315,4 +320,28 @@ def evaluate(
         except InceptionUnavailable as exc:
             report.inception_fid_error = str(exc)
     report.seconds = time.perf_counter() - start
+    report.warnings = comparability_warnings(report, classifier) or None
     return report
+
+
+# The model card's figures (lowdiff/weights/MODEL_CARD.md) are at this many samples.
+MODEL_CARD_SAMPLES = 5000
+
+
+def comparability_warnings(report: QualityReport, classifier: Classifier) -> list[str]:
+    """Plain-language reasons not to compare or trust a report's figures as they stand."""
+    out = []
+    if report.num_samples != MODEL_CARD_SAMPLES:
+        out.append(
+            f"FD at N = {report.num_samples} is not comparable with figures at another N (it is biased upward "
+            f"at small N); the model card's figures are at N = {MODEL_CARD_SAMPLES}"
+        )
+    own = (getattr(classifier, "metadata", None) or {}).get("held_out_accuracy")
+    real = report.classifier_accuracy_real
+    if real is not None and isinstance(own, float) and real < own - 0.25:
+        out.append(
+            f"the classifier scores {real:.1%} on your reference images but {own:.1%} on its own held-out "
+            "data: the reference set is probably not the data it was trained for (wrong --reference or "
+            "--classifier?), so class agreement and FD mean little"
+        )
+    return out

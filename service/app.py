@@ -3,9 +3,9 @@
 ``create_app(settings, model=..., engine=...)`` builds one. Tests inject a tiny model or a fake
 engine; ``lowdiff serve`` passes the model it loaded. Where things live: request/response bodies in
 :mod:`.schemas`, the lifecycle in :mod:`.state`, the error boundary in :mod:`.errors`, request ids,
-body limits and access logs in :mod:`.middleware`, endpoints in :mod:`.routes`, the OpenAPI document
-narrowed to the served model in :mod:`.openapi`; a new endpoint goes into :mod:`.routes` (or a
-sibling module registered here).
+body limits and access logs in :mod:`.middleware`, endpoints in :mod:`.routes` (KServe's Open
+Inference Protocol v2 in :mod:`.oip`), the OpenAPI document narrowed to the served model in
+:mod:`.openapi`; a new endpoint goes into :mod:`.routes` (or a sibling module registered here).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from lowdiff.model import LowDiffModel
 from lowdiff.service.batcher import Engine
 from lowdiff.service.errors import install_error_handlers
 from lowdiff.service.middleware import RequestContext
+from lowdiff.service.oip import add_oip_routes
 from lowdiff.service.openapi import install_openapi
 from lowdiff.service.routes import add_routes
 from lowdiff.service.settings import ServeSettings, settings_dict
@@ -61,6 +62,7 @@ def create_app(
     )
     install_error_handlers(app)
     add_routes(app, service)
+    add_oip_routes(app, service)  # KServe / Triton: Open Inference Protocol v2
     # The request schema of this model: known now when it was given (`lowdiff serve` always gives it).
     classes = engine.info() if engine is not None else model.config if model is not None else None
     install_openapi(app, classes, settings)

@@ -17,7 +17,23 @@ from lowdiff.service.metrics import ServiceMetrics
 
 access_log = logging.getLogger("lowdiff.service.access")
 
-ENDPOINTS = ("/generate", "/v1/models", "/info", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
+ENDPOINTS = (
+    "/generate",
+    "/v1/models",
+    "/info",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/docs",
+    "/openapi.json",
+    # KServe's Open Inference Protocol v2 (lowdiff.service.oip): model paths by their template
+    "/v2",
+    "/v2/health/live",
+    "/v2/health/ready",
+    "/v2/models/{name}",
+    "/v2/models/{name}/ready",
+    "/v2/models/{name}/infer",
+)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -27,6 +43,11 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 def endpoint_label(path: str) -> str:
+    """The endpoint a path is counted under: itself, a v2 model path's template, or "other"."""
+    if path.startswith("/v2/models/"):
+        name, _, rest = path[len("/v2/models/") :].partition("/")
+        if name:
+            path = "/v2/models/{name}" + (f"/{rest}" if rest else "")
     return path if path in ENDPOINTS else "other"
 
 

@@ -14,6 +14,7 @@ import secrets
 import time
 from typing import Any
 
+import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -21,10 +22,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from lowdiff.imaging import grid_png_bytes, png_bytes
 from lowdiff.requests import MAX_SEED, generation_request
-from lowdiff.service.batcher import Batcher, EngineFailure, QueueFull
+from lowdiff.service.batcher import Batcher, EngineFailure, QueueFull, Ticket
 from lowdiff.service.errors import APIError
 from lowdiff.service.openapi import CONNECTION_CAP_503, RETRY_AFTER, auth_responses, error_doc
 from lowdiff.service.schemas import GenerateRequest, GenerateResponse, HealthBody, ImageOut, ReadyBody, Timings
+from lowdiff.service.settings import ServeSettings
 from lowdiff.service.state import Service
 
 log = logging.getLogger("lowdiff.service")
@@ -89,21 +91,89 @@ def check_accepting(service: Service) -> Batcher:
     return service.batcher
 
 
-def add_routes(app: FastAPI, service: Service) -> None:
-    settings = service.settings
+def api_key_dependencies(settings: ServeSettings) -> list[Any]:
+    """The route dependencies that require ``Authorization: Bearer <key>``: none without a key (the
+    key is fixed at start; without one no route depends on it and the document shows no security)."""
+    if settings.api_key is None:
+        return []
+    key = settings.api_key
     bearer = HTTPBearer(auto_error=False, description="the server's LOWDIFF_API_KEY")
 
     def require_api_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
-        if settings.api_key is None:
-            return
         given = credentials.credentials if credentials is not None else ""
-        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+        if not hmac.compare_digest(given.encode(), key.encode()):
             raise APIError(
                 401, "Authorization: missing or wrong bearer token", "Authorization", {"WWW-Authenticate": "Bearer"}
             )
 
-    # The key is fixed at start: without one, no route depends on it and the document shows no security.
-    keyed = [Depends(require_api_key)] if settings.api_key is not None else []
+    return [Depends(require_api_key)]
+
+
+async def await_images(
+    service: Service,
+    batcher: Batcher,
+    request: Request,
+    seeds: list[int],
+    labels: list[int | None],
+    accepted: float,
+    timeout: float,
+    timeout_field: str = "timeout_s",
+) -> tuple[Ticket, list[torch.Tensor]] | None:
+    """Queue one request's images and wait for them: the one submit/await path of every endpoint
+    that generates (``/generate``, the v2 ``infer``). Returns the ticket and its uint8 images, or
+    None when the client disconnected (its unstarted work dropped). Refuses with 429 (queue full),
+    500 (engine failure), 503 (grace over) and 504 (not done ``timeout`` seconds after ``accepted``,
+    a ``time.monotonic()`` instant; the message names ``timeout_field``)."""
+    deadline = accepted + timeout
+    service.in_flight += 1
+    service.metrics.in_flight.inc()
+    ticket = None
+    try:
+        try:
+            ticket = batcher.submit(seeds, labels, deadline=deadline)
+        except QueueFull as exc:
+            raise APIError(429, "queue full, retry later", None, {"Retry-After": str(exc.retry_after_s)}) from None
+        watcher = asyncio.ensure_future(_wait_disconnect(request))
+        aborted = asyncio.ensure_future(service.aborted.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {ticket.future, watcher, aborted},
+                timeout=max(0.0, deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            watcher.cancel()
+            aborted.cancel()
+        if ticket.future in done and not ticket.future.cancelled():
+            failure = ticket.future.exception()
+            if failure is not None:
+                message = str(failure) if isinstance(failure, EngineFailure) else repr(failure)
+                raise APIError(500, f"engine failed: {message}")
+            return ticket, ticket.future.result()
+        if watcher in done:
+            batcher.cancel(ticket, "disconnect")
+            log.info("client disconnected; unstarted work dropped")
+            return None
+        if aborted in done or ticket.cancelled not in (None, "deadline"):  # grace is over
+            batcher.cancel(ticket, "shutdown")
+            raise APIError(
+                503,
+                "server is shutting down; retry on another replica",
+                None,
+                {"Retry-After": "1", "Connection": "close"},
+            )
+        batcher.cancel(ticket, "deadline")
+        raise APIError(504, f"{timeout_field}: not done within {timeout:g} s", timeout_field)
+    finally:
+        if ticket is not None and not ticket.future.done():
+            batcher.cancel(ticket, "disconnect")  # the handler itself was cancelled
+        service.in_flight -= 1
+        service.metrics.in_flight.dec()
+
+
+def add_routes(app: FastAPI, service: Service) -> None:
+    settings = service.settings
+    keyed = api_key_dependencies(settings)
     auth = auth_responses(settings)
     not_ready = error_doc(
         "not ready (loading, warming up, engine failed) or shutting down",
@@ -166,51 +236,10 @@ def add_routes(app: FastAPI, service: Service) -> None:
         name = names[label] if label is not None and label < len(names) else None
         labels = list(request_.class_labels) if request_.class_labels is not None else [None] * count
 
-        service.in_flight += 1
-        service.metrics.in_flight.inc()
-        ticket = None
-        try:
-            try:
-                ticket = batcher.submit(seeds, labels, deadline=accepted + timeout)
-            except QueueFull as exc:
-                raise APIError(429, "queue full, retry later", None, {"Retry-After": str(exc.retry_after_s)}) from None
-            watcher = asyncio.ensure_future(_wait_disconnect(request))
-            aborted = asyncio.ensure_future(service.aborted.wait())
-            try:
-                done, _ = await asyncio.wait(
-                    {ticket.future, watcher, aborted},
-                    timeout=max(0.0, accepted + timeout - time.monotonic()),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-            finally:
-                watcher.cancel()
-                aborted.cancel()
-            if ticket.future in done and not ticket.future.cancelled():
-                failure = ticket.future.exception()
-                if failure is not None:
-                    message = str(failure) if isinstance(failure, EngineFailure) else repr(failure)
-                    raise APIError(500, f"engine failed: {message}")
-                images = ticket.future.result()
-            elif watcher in done:
-                batcher.cancel(ticket, "disconnect")
-                log.info("client disconnected; unstarted work dropped")
-                return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-            elif aborted in done or ticket.cancelled not in (None, "deadline"):  # grace is over
-                batcher.cancel(ticket, "shutdown")
-                raise APIError(
-                    503,
-                    "server is shutting down; retry on another replica",
-                    None,
-                    {"Retry-After": "1", "Connection": "close"},
-                )
-            else:
-                batcher.cancel(ticket, "deadline")
-                raise APIError(504, f"timeout_s: not done within {timeout:g} s", "timeout_s")
-        finally:
-            if ticket is not None and not ticket.future.done():
-                batcher.cancel(ticket, "disconnect")  # the handler itself was cancelled
-            service.in_flight -= 1
-            service.metrics.in_flight.dec()
+        outcome = await await_images(service, batcher, request, seeds, labels, accepted, timeout)
+        if outcome is None:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        ticket, images = outcome
 
         model_name = service.engine_info.model
         timing_header = {

@@ -53,3 +53,17 @@ def test_evaluate_scores_a_perfect_generator_at_the_ceiling() -> None:
     per_class = report.class_agreement_per_class
     assert per_class is not None and len(per_class) == 2
     assert sum(per_class) / 2 == pytest.approx(report.class_agreement)  # equal class counts
+
+
+def test_comparability_warnings_name_small_n_and_wrong_reference_data() -> None:
+    from lowdiff.evaluation import MODEL_CARD_SAMPLES, Classifier, QualityReport, comparability_warnings
+
+    classifier = Classifier(1, 10, 32)
+    classifier.metadata = {"held_out_accuracy": 0.93}
+    fine = QualityReport(MODEL_CARD_SAMPLES, 0.88, 30.5, 0.92, 0.4, 1.0)
+    assert comparability_warnings(fine, classifier) == []
+    small = QualityReport(64, 0.88, 90.0, 0.92, 0.4, 1.0)
+    assert [w.split(" is ")[0] for w in comparability_warnings(small, classifier)] == ["FD at N = 64"]
+    wrong = QualityReport(MODEL_CARD_SAMPLES, 0.1, 300.0, 0.118, 0.4, 1.0)
+    (warning,) = comparability_warnings(wrong, classifier)
+    assert "11.8% on your reference images but 93.0%" in warning

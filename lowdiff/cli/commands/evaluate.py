@@ -114,6 +114,8 @@ def run(args: argparse.Namespace) -> None:
     )
     result = {"model": model.config.name, "nfe": list(model.schedule.nfe), **report.as_dict()}
     print(json.dumps(result, indent=2))
+    for warning in report.warnings or []:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     if report.inception_fid_error:
