@@ -5,7 +5,8 @@ engine; ``lowdiff serve`` passes the model it loaded. Where things live: request
 :mod:`.schemas`, the lifecycle in :mod:`.state`, the error boundary in :mod:`.errors`, request ids,
 body limits and access logs in :mod:`.middleware`, endpoints in :mod:`.routes` (KServe's Open
 Inference Protocol v2 in :mod:`.oip`), the OpenAPI document narrowed to the served model in
-:mod:`.openapi`; a new endpoint goes into :mod:`.routes` (or a sibling module registered here).
+:mod:`.openapi`, ``/docs`` and ``/redoc`` with local assets in :mod:`.apidocs`, the playground page at
+``/`` in :mod:`.playground`; a new endpoint goes into :mod:`.routes` (or a sibling module registered here).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from lowdiff.model import LowDiffModel
+from lowdiff.service.apidocs import add_docs
 from lowdiff.service.batcher import Engine
 from lowdiff.service.errors import install_error_handlers
 from lowdiff.service.middleware import RequestContext
 from lowdiff.service.oip import add_oip_routes
 from lowdiff.service.openapi import install_openapi
+from lowdiff.service.playground import add_playground
 from lowdiff.service.routes import add_routes
 from lowdiff.service.settings import ServeSettings, settings_dict
 from lowdiff.service.state import Service, package_version
@@ -52,6 +55,8 @@ def create_app(
         version=package_version(),
         description="Class-conditional image generation with LowDiff, a cascaded low-resolution diffusion model.",
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc: served offline by add_docs
+        redoc_url=None,
     )
     app.state.service = service
     app.add_middleware(
@@ -62,6 +67,8 @@ def create_app(
     )
     install_error_handlers(app)
     add_routes(app, service)
+    add_docs(app)
+    add_playground(app)
     add_oip_routes(app, service)  # KServe / Triton: Open Inference Protocol v2
     # The request schema of this model: known now when it was given (`lowdiff serve` always gives it).
     classes = engine.info() if engine is not None else model.config if model is not None else None
