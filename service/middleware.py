@@ -24,7 +24,9 @@ ENDPOINTS = (
     "/healthz",
     "/readyz",
     "/metrics",
+    "/",
     "/docs",
+    "/redoc",
     "/openapi.json",
     # KServe's Open Inference Protocol v2 (lowdiff.service.oip): model paths by their template
     "/v2",
