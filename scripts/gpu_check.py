@@ -1,56 +1,287 @@
-"""GPU check of the CUDA engines: parity with the CPU reference, determinism, speed, and serving.
+"""GPU check of the CUDA engines: parity, determinism, profile, cost table, cascade speed and serving.
 
-One prepared run for a machine with an NVIDIA GPU; it installs nothing. In order (each step has its own
-time limit, and its results are saved before the next starts, so a run cut short keeps what it did):
+One prepared run for a machine with an NVIDIA GPU; it installs nothing. An estimate of the run's time
+is printed first (aim: under 8 minutes, so that a 15-minute device window can run it twice). Steps, in
+order; each runs in its own process with its own time limit (a crash, a hang or a slow compile loses
+only that step), and the results are saved before the next starts:
 
-1. environment: torch, CUDA, GPU, ONNX Runtime and its execution providers;
-2. parity of every CUDA engine and precision with the CPU fp32 reference on the embedded model
-   (16 images, seeds 0–15): max / mean difference in 8-bit levels, share of pixels more than 2 off;
-   fp32 twice, with TF32 convolutions (PyTorch's default) and without;
-3. determinism per CUDA engine: (class 3, seed 5) alone and at position 3 of a batch of 7 (≤ 1 level),
-   the same batch twice (bit-identical);
-4. ``lowdiff bench`` at batch 64: fashion32 vs edm-fashion32 and the paper-size cifar10-cond vs
-   edm-cifar10-cond (random weights; the issue target is ≤ 0.15 s per cifar10-cond batch on CUDA graphs);
-5. ``loadtests/saturation.py`` against ``lowdiff serve --engine cudagraph --device cuda`` (needs the
-   service's packages; skipped with the reason when they are missing); users=1 gives one request's latency.
+ 1. ``environment``: torch, CUDA, cuDNN, GPU, Triton, ONNX Runtime and its providers, dynamo's limits;
+ 2. ``parity``: every CUDA engine and precision except ``compile`` (torch and cudagraph in fp32 with and
+    without TF32 convolutions, bf16, fp16; onnxruntime with the CUDA/TensorRT provider when present)
+    against the CPU fp32 reference on the embedded model (16 images, seeds 0–15): max / mean difference in
+    8-bit levels and the share of pixels more than 2 levels off; determinism: (class 3, seed 5) alone vs
+    at position 3 of a batch of 7 (≤ 1 level), the same batch twice (bit-identical); ``parity.png``;
+ 3. ``profile``: ``lowdiff bench --profile``: one cifar10-cond 32×32 evaluation at batch 64 per engine
+    (torch, torch:bf16, cudagraph, cudagraph:bf16): top kernels, shares of GroupNorm/SiLU/attention/
+    convolution/elementwise;
+ 4. ``cost-torch``, 5. ``cost-cudagraph``: ``lowdiff bench --cost-table`` for cifar10-cond, edm-cifar10-cond
+    and fashion32 (random weights): seconds per evaluation vs batch, per resolution (torch to batch 512,
+    cudagraph to its largest bucket, 64: above it the engine splits batches); merged into ``costs.json``;
+ 6. ``bench-base``: ``lowdiff bench`` cifar10-cond vs edm-cifar10-cond at batch 64, torch, cudagraph and
+    cudagraph:bf16 round-robin (the paper's Table 5 and the cascade-vs-EDM throughput ratio);
+ 7. ``saturation-cudagraph``: ``loadtests/saturation.py`` against ``lowdiff serve --engine cudagraph``
+    (its command line is read from its ``--help``; skipped with the reason when it or its packages are
+    missing);
+ 8. ``compile-gate``: the ``compile`` engine's parity and determinism (fp32), as step 2. It is the first
+    time torch.compile runs on the GPU: if it fails or runs out of time, the compile steps below are
+    skipped with its reason (and step 9 does not lose the others' results to it);
+ 9. ``bench-all``: step 6 with every engine, ``--engine torch,cudagraph,cudagraph:bf16,compile,compile:bf16``;
+10. ``cost-compile``, 11. ``profile-compile``, 12. ``parity-compile`` (bf16, fp16),
+13. ``saturation-compile``: steps 3–7 for ``compile``.
 
-``--deadline-s`` bounds the whole run: every later step gets at most the time that is left.
+``--deadline-s`` bounds the whole run: every step gets at most its own limit and what is left (a step is not
+started with less than a quarter of its expected time left). Inductor's
+cache goes to ``--inductor-cache`` (default: a folder in the temp dir), shared by the steps and by a
+second run on the same machine.
 
-    python scripts/gpu_check.py --out runs/gpu-check        # then read runs/gpu-check/gpu_check.md
+    python scripts/gpu_check.py --out runs/gpu-check      # then read runs/gpu-check/gpu_check.md
 
-Everything lands in ``--out``: ``gpu_check.json`` (all measurements), ``gpu_check.md`` (tables),
-``parity.png`` (CPU reference vs each CUDA engine), the bench reports and the saturation folder;
-``--tar`` also packs the folder into one archive after every step. ``--device cpu`` runs the same
-plumbing with the CPU engines only (a smoke test for machines without a GPU).
+Everything lands in ``--out``: ``gpu_check.json`` (every step: status, time, results), ``gpu_check.md``,
+``parity.png``, ``profile*.json|md``, ``costs*.json|md|png``, ``bench-*.json|md|png``, ``saturation-*/``
+and one ``*.log`` per step; ``--tar`` also packs the folder into one archive after every step.
+
+``--cpu-dry-run`` runs every step on the CPU with tiny sizes (two tiny 8-channel checkpoints, a 3-stage
+LowDiff and a 1-stage EDM with a few steps each, written to ``--out``/dry-run-models; 4 parity images,
+batches of 1–2, one timed run, a one-level saturation sweep; the CUDA engines are recorded as unavailable)
+and writes the same files, to check the script itself without a GPU. torch.compile is switched off there
+(``TORCHDYNAMO_DISABLE=1``: dynamo alone takes about a minute per graph on a loaded 2-core machine), so
+the compile steps exercise their plumbing with the eager model; ``--dry-run-compile`` keeps it on.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lowdiff.engines import EngineUnavailable, load_engine  # noqa: E402
-from lowdiff.model import LowDiffModel, default_checkpoint_path  # noqa: E402
+SATURATION = ROOT / "loadtests" / "saturation.py"
+COST_CONFIGS = "cifar10-cond,edm-cifar10-cond,fashion32"
+ALL_ENGINES = "torch,cudagraph,cudagraph:bf16,compile,compile:bf16"
+# The steps that run only when the compile gate passed (their time is not in the first estimate).
+COMPILE_EXTRA = ("bench-all", "cost-compile", "profile-compile", "parity-compile", "saturation-compile")
 
-PARITY_SEEDS = list(range(16))
+
+def one_line(text: Any, limit: int = 240) -> str:
+    """``text`` on one line (Markdown table cells), cut at ``limit`` characters."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
-def environment() -> dict[str, Any]:
+def selected(step: str, patterns: list[str]) -> bool:
+    """``step`` is named in ``patterns``: by its name, or by a group: ``cost`` (cost-torch, cost-cudagraph,
+    cost-compile), ``saturation``, ``bench``, ``compile`` (compile-gate and every step that needs it)."""
+    for p in patterns:
+        if step == p or (p == "compile" and (step == "compile-gate" or step in COMPILE_EXTRA)):
+            return True
+        if p in ("cost", "saturation", "bench") and step.startswith(p + "-"):
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------- the plan
+@dataclass
+class Plan:
+    """Every size the run uses; :func:`gpu_plan` for the GPU, :func:`dry_run_plan` for the CPU dry run."""
+
+    device: str
+    parity_seeds: int
+    parity_checkpoint: str | None  # None: the embedded model
+    # (kind, precision, tf32 convolutions allowed) per parity entry
+    parity_engines: list[tuple[str, str, bool]]
+    compile_gate: list[tuple[str, str, bool]]
+    compile_parity: list[tuple[str, str, bool]]
+    # `lowdiff bench` model flags per use: profile, cost, bench; and the saturation sweep's
+    models: dict[str, list[str]]
+    profile_batch: int
+    profile_engines: str
+    cost_groups: dict[str, tuple[str, str]]  # step → (engines, batches)
+    cost_warmup: int
+    cost_repeats: int
+    bench_engines: str
+    bench_all_engines: str
+    bench_batch: int
+    bench_runs: int
+    saturation: dict[str, str]  # step → engine
+    saturation_args: dict[str, str]
+    # step → (expected seconds, limit seconds)
+    times: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def gpu_plan() -> Plan:
+    p2 = ",".join(str(2**k) for k in range(10))  # 1 … 512
+    p64 = ",".join(str(2**k) for k in range(7))  # 1 … 64: cudagraph's buckets
+    return Plan(
+        device="cuda",
+        parity_seeds=16,
+        parity_checkpoint=None,
+        parity_engines=[
+            ("torch", "fp32", True),
+            ("torch", "fp32", False),
+            ("torch", "bf16", True),
+            ("torch", "fp16", True),
+            ("cudagraph", "fp32", True),
+            ("cudagraph", "fp32", False),
+            ("cudagraph", "bf16", True),
+            ("cudagraph", "fp16", True),
+            ("onnxruntime", "fp32", True),
+        ],
+        compile_gate=[("compile", "fp32", True)],
+        compile_parity=[("compile", "bf16", True), ("compile", "fp16", True)],
+        models={
+            "profile": ["--config", "cifar10-cond"],
+            "cost": ["--config", COST_CONFIGS],
+            "bench": ["--config", "cifar10-cond", "--compare", "edm-cifar10-cond"],
+            "saturation": [],  # the embedded default model, as served
+        },
+        profile_batch=64,
+        profile_engines="torch,torch:bf16,cudagraph,cudagraph:bf16",
+        cost_groups={
+            "cost-torch": ("torch,torch:bf16", p2),
+            "cost-cudagraph": ("cudagraph,cudagraph:bf16", p64),
+            "cost-compile": ("compile,compile:bf16", p64),
+        },
+        cost_warmup=1,
+        cost_repeats=3,
+        bench_engines="torch,cudagraph,cudagraph:bf16",
+        bench_all_engines=ALL_ENGINES,
+        bench_batch=64,
+        bench_runs=5,
+        saturation={"saturation-cudagraph": "cudagraph", "saturation-compile": "compile"},
+        saturation_args={"max-batch": "64", "users": "1,64,256", "ramp-s": "3", "window-s": "6", "bench-runs": "2"},
+        # Expected seconds on one H100 (from the runs in benchmarks/gpu/: cudagraph loads 7–19 s, the
+        # cifar10 bench 100 s for 4 targets, saturation 140 s for 4 levels + 2×5 bench runs) and limits.
+        # The compile steps' times are unknown (first run of torch.compile on a GPU): inductor compiles
+        # one static graph per (stage, batch bucket), tens of seconds each when its cache is cold.
+        times={
+            "environment": (5, 30),
+            "parity": (60, 110),
+            "profile": (40, 75),
+            "cost-torch": (35, 70),
+            "cost-cudagraph": (80, 130),
+            "bench-base": (70, 120),
+            "compile-gate": (90, 120),
+            "saturation-cudagraph": (70, 110),
+            "bench-all": (240, 300),
+            "cost-compile": (120, 200),
+            "profile-compile": (60, 120),
+            "parity-compile": (90, 150),
+            "saturation-compile": (120, 180),
+        },
+    )
+
+
+def dry_run_plan(out: Path) -> Plan:
+    """Tiny sizes on the CPU: the tiny LowDiff and EDM checkpoints of :func:`write_dry_run_models` in ``out``."""
+    lowdiff, edm = (str(out / "dry-run-models" / f"{name}.pt") for name in ("tiny-lowdiff", "tiny-edm"))
+    return Plan(
+        device="cpu",
+        parity_seeds=4,
+        parity_checkpoint=lowdiff,
+        parity_engines=[("torch", "fp32", False), ("cudagraph", "fp32", False), ("onnxruntime", "fp32", False)],
+        compile_gate=[("compile", "fp32", False)],
+        compile_parity=[("compile", "bf16", False)],
+        models={
+            "profile": ["--checkpoint", lowdiff],
+            "cost": ["--checkpoint", lowdiff, "--compare", edm],
+            "bench": ["--checkpoint", lowdiff, "--compare", edm],
+            "saturation": ["--checkpoint", lowdiff],
+        },
+        profile_batch=2,
+        profile_engines="torch,cudagraph",
+        cost_groups={
+            "cost-torch": ("torch", "1,2"),
+            "cost-cudagraph": ("cudagraph", "1,2"),
+            "cost-compile": ("compile", "1,2"),
+        },
+        cost_warmup=1,
+        cost_repeats=1,
+        bench_engines="torch",
+        bench_all_engines="torch,compile",
+        bench_batch=2,
+        bench_runs=1,
+        saturation={"saturation-cudagraph": "torch", "saturation-compile": "compile"},
+        saturation_args={
+            "max-batch": "2",
+            "users": "1,2",
+            "ramp-s": "3",
+            "window-s": "2",
+            "bench-runs": "1",
+            "threads": "1",
+        },
+        times={  # measured on a loaded 2-core CPU machine; most of it is starting Python processes
+            "environment": (5, 30),
+            "parity": (15, 120),
+            "profile": (12, 60),
+            "cost-torch": (15, 60),
+            "cost-cudagraph": (10, 60),
+            "bench-base": (12, 90),
+            "compile-gate": (12, 90),
+            "saturation-cudagraph": (55, 120),
+            "bench-all": (13, 90),
+            "cost-compile": (16, 60),
+            "profile-compile": (12, 60),
+            "parity-compile": (12, 90),
+            "saturation-compile": (65, 120),
+        },
+    )
+
+
+def write_dry_run_models(out: Path) -> None:
+    """Two tiny checkpoints for the dry run: a 3-stage LowDiff (8-16-32, 4/4/3 Heun steps) and a 1-stage
+    EDM baseline (32, 6 steps), both on an 8-channel network: every engine path, in seconds."""
+    import torch
+
+    from lowdiff.configs import ModelConfig
+    from lowdiff.model import LowDiffModel
+    from lowdiff.network import NetworkConfig
+    from lowdiff.schedule import CascadeSchedule, StageSchedule
+
+    narrow = {"sigma_min": 0.01, "sigma_max": 50.0}
+    schedules = {
+        "tiny-lowdiff": CascadeSchedule((
+            StageSchedule(8, 4, truncate_at=2),
+            StageSchedule(16, 4, truncate_at=2, final_step="euler", **narrow),
+            StageSchedule(32, 3, **narrow),
+        )),
+        "tiny-edm": CascadeSchedule((StageSchedule(32, 6),)),
+    }  # fmt: skip
+    folder = out / "dry-run-models"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, schedule in schedules.items():
+        net = NetworkConfig(
+            img_resolution=32, img_channels=1, label_dim=10, resolutions=schedule.resolutions, model_channels=8,
+            channel_mult=(1, 1, 2), num_blocks=1, attn_resolutions=(8,), dropout=0.0, augment_dim=0,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        model = LowDiffModel(ModelConfig(name, net, schedule, "edm", 2, "gpu_check --cpu-dry-run"))
+        with torch.no_grad():  # zero-initialised output layers: perturb, so the output depends on the input
+            for param in model.denoiser.parameters():
+                param.add_(torch.randn_like(param) * 0.02)
+        model.save(folder / f"{name}.pt")
+
+
+# ---------------------------------------------------------------------------- environment
+def environment(inductor_cache: Path) -> dict[str, Any]:
+    import torch
+
     info: dict[str, Any] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -59,19 +290,33 @@ def environment() -> dict[str, Any]:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cpu_count": os.cpu_count(),
+        "inductor_cache": str(inductor_cache),
     }
+    try:
+        import torch._dynamo
+
+        info["dynamo_recompile_limit"] = torch._dynamo.config.recompile_limit
+    except (ImportError, AttributeError):
+        info["dynamo_recompile_limit"] = None
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info["gpu"] = props.name
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         info["compute_capability"] = f"{props.major}.{props.minor}"
-    try:
+    for name in ("triton", "onnxruntime", "tensorrt", "fastapi", "uvicorn", "locust", "matplotlib"):
+        if importlib.util.find_spec(name) is None:
+            info[name] = None
+            continue
+        try:
+            module = __import__(name)
+            info[name] = getattr(module, "__version__", "installed")
+        except Exception as exc:  # noqa: BLE001 -- a broken install is worth recording, not fatal
+            info[name] = f"import failed: {type(exc).__name__}: {exc}"
+    if info.get("onnxruntime") and not str(info["onnxruntime"]).startswith("import failed"):
         import onnxruntime
 
-        info["onnxruntime"] = onnxruntime.__version__
         info["onnxruntime_providers"] = onnxruntime.get_available_providers()
-    except ImportError:
-        info["onnxruntime"] = None
     try:
         smi = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
         info["nvidia_smi"] = smi.stdout.strip()
@@ -80,23 +325,16 @@ def environment() -> dict[str, Any]:
     return info
 
 
-def engine_variants(device: str) -> list[tuple[str, str, bool]]:
-    """(kind, precision, tf32 convolutions allowed) to compare with the CPU fp32 reference."""
-    if device == "cpu":
-        return [("torch", "bf16", False), ("onnxruntime", "fp32", False)]
-    return [
-        ("torch", "fp32", True),
-        ("torch", "fp32", False),
-        ("torch", "bf16", True),
-        ("cudagraph", "fp32", True),
-        ("cudagraph", "fp32", False),
-        ("cudagraph", "bf16", True),
-        ("cudagraph", "fp16", True),
-        ("onnxruntime", "fp32", True),
-    ]
+# ---------------------------------------------------------------------------- the parity worker
+def variant_name(kind: str, precision: str, tf32: bool, device: str) -> str:
+    return f"{kind} {precision}" + (" +tf32" if tf32 and device == "cuda" and precision == "fp32" else "")
 
 
-def level_difference(images: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+def file_stem(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def level_difference(images: Any, reference: Any) -> dict[str, float]:
     diff = (images.int() - reference.int()).abs().float()
     return {
         "max_levels": float(diff.max()),
@@ -105,24 +343,43 @@ def level_difference(images: torch.Tensor, reference: torch.Tensor) -> dict[str,
     }
 
 
-def parity_and_determinism(model: LowDiffModel, device: str, out: Path) -> dict[str, Any]:
-    labels = [s % model.config.num_classes for s in PARITY_SEEDS]
-    reference = load_engine(model, "torch", "cpu", "fp32").generate(PARITY_SEEDS, labels)
-    results: list[dict[str, Any]] = []
-    rows = [("CPU fp32 (reference)", reference)]
-    for kind, precision, tf32 in engine_variants(device):
-        name = f"{kind} {precision}" + (" +tf32" if tf32 and device == "cuda" and precision == "fp32" else "")
+def parity_worker(
+    out: Path, device: str, variants: list[tuple[str, str, bool]], n_seeds: int, checkpoint: str | None
+) -> None:
+    """Each variant's parity and determinism → ``out/parity/<name>.json`` and its images ``<name>.pt``,
+    written as soon as that variant is done (the orchestrator may stop this process at its time limit)."""
+    import torch
+
+    from lowdiff.engines import load_engine
+    from lowdiff.errors import EngineUnavailable, LowDiffError
+    from lowdiff.model import LowDiffModel
+
+    folder = out / "parity"
+    folder.mkdir(parents=True, exist_ok=True)
+    model = LowDiffModel.load(checkpoint)
+    seeds = list(range(n_seeds))
+    labels = [s % model.config.num_classes for s in seeds]
+    ref_path = folder / "reference.pt"
+    if ref_path.exists():
+        reference = torch.load(ref_path)
+    else:
+        reference = load_engine(model, "torch", "cpu", "fp32").generate(seeds, labels)
+        torch.save(reference, ref_path)
+    for kind, precision, tf32 in variants:
+        name = variant_name(kind, precision, tf32, device)
         entry: dict[str, Any] = {"engine": kind, "precision": precision, "tf32": tf32, "name": name}
-        torch.backends.cudnn.allow_tf32 = tf32
+        if device == "cuda":
+            torch.backends.cudnn.allow_tf32 = tf32
         try:
             start = time.perf_counter()
             engine = load_engine(model, kind, device, precision)
             entry["load_s"] = time.perf_counter() - start
-            images = engine.generate(PARITY_SEEDS, labels)
+            start = time.perf_counter()
+            images = engine.generate(seeds, labels)
+            entry["first_generate_s"] = time.perf_counter() - start
             entry.update(level_difference(images, reference))
-            rows.append((name, images))
-            # Determinism: alone vs position 3 of a batch of 7 (other seeds/classes around it), and
-            # the same batch twice.
+            torch.save(images, folder / f"{file_stem(name)}.pt")
+            # Determinism: alone vs position 3 of a batch of 7 (other seeds/classes around it), the same batch twice.
             alone = engine.generate([5], [3])
             batch_seeds, batch_labels = [11, 12, 13, 5, 14, 15, 16], [0, 1, 2, 3, 4, 5, 6]
             first = engine.generate(batch_seeds, batch_labels)
@@ -130,72 +387,50 @@ def parity_and_determinism(model: LowDiffModel, device: str, out: Path) -> dict[
             entry["alone_vs_batch_max_levels"] = float((alone[0].int() - first[3].int()).abs().max())
             entry["same_batch_twice_identical"] = bool(torch.equal(first, second))
             del engine
-        except EngineUnavailable as exc:
-            entry["unavailable"] = str(exc)
+        except LowDiffError as exc:
+            entry["unavailable" if isinstance(exc, EngineUnavailable) else "error"] = exc.message
         except Exception as exc:  # noqa: BLE001 -- a failing engine is a finding, the check goes on
             entry["error"] = f"{type(exc).__name__}: {exc}"
             entry["traceback"] = traceback.format_exc()
         finally:
-            torch.backends.cudnn.allow_tf32 = True
-            if torch.cuda.is_available():
+            if device == "cuda":
+                torch.backends.cudnn.allow_tf32 = True
                 torch.cuda.empty_cache()
         print(json.dumps({k: v for k, v in entry.items() if k != "traceback"}), flush=True)
-        results.append(entry)
-    save_parity_picture(rows, out / "parity.png")
-    return {"seeds": PARITY_SEEDS, "labels": labels, "results": results}
+        (folder / f"{file_stem(name)}.json").write_text(json.dumps(entry, indent=1) + "\n")
 
 
-def evaluation_variants(device: str) -> list[dict[str, Any]]:
-    """One paper-size denoiser evaluation (cifar10-cond, stage 32, batch 64), eager, timed with CUDA events
-    per memory format × cuDNN benchmark mode × precision: where the time of a stage goes and what helps."""
-    model = LowDiffModel.from_config("cifar10-cond")
-    denoiser = model.denoiser.to(device).eval()
-    gen = torch.Generator(device=device).manual_seed(0)
-    batch, r = 64, 32
-    x = torch.randn(batch, 3, r, r, device=device, generator=gen)
-    condition = torch.randn(batch, 3, r, r, device=device, generator=gen)
-    sigma = torch.full((batch,), 1.0, device=device)
-    sigma_cond = torch.full((batch,), 0.5, device=device)
-    labels = torch.arange(batch, device=device) % 10
+def collect_parity(out: Path, plan: Plan) -> dict[str, Any]:
+    """The parity entries written so far, in plan order (a variant cut off by a time limit is 'not run')."""
+    folder = out / "parity"
     results = []
-    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", None)):
-        for memory_format in (torch.contiguous_format, torch.channels_last):
-            for benchmark in (False, True):
-                torch.backends.cudnn.benchmark = benchmark
-                denoiser.to(memory_format=memory_format)
-                xin = x.contiguous(memory_format=memory_format)
-
-                def call(xin: torch.Tensor, dtype: torch.dtype | None) -> None:
-                    with torch.no_grad(), torch.autocast("cuda", dtype=dtype or torch.float32, enabled=bool(dtype)):
-                        denoiser(xin, sigma, labels, r, condition, sigma_cond)
-
-                for _ in range(3):
-                    call(xin, dtype)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(10):
-                    call(xin, dtype)
-                end.record()
-                torch.cuda.synchronize()
-                entry = {
-                    "precision": precision,
-                    "memory_format": "channels_last" if memory_format == torch.channels_last else "contiguous",
-                    "cudnn_benchmark": benchmark,
-                    "ms_per_evaluation": start.elapsed_time(end) / 10,
-                }
-                print(json.dumps(entry), flush=True)
-                results.append(entry)
-    torch.backends.cudnn.benchmark = False
-    return results
+    for kind, precision, tf32 in plan.parity_engines + plan.compile_gate + plan.compile_parity:
+        name = variant_name(kind, precision, tf32, plan.device)
+        path = folder / f"{file_stem(name)}.json"
+        if path.exists():
+            results.append(json.loads(path.read_text()))
+    seeds = list(range(plan.parity_seeds))
+    model = plan.parity_checkpoint or "the embedded model"
+    return {"seeds": seeds, "reference": f"torch fp32 on the CPU, {model}", "results": results}
 
 
-def save_parity_picture(rows: list[tuple[str, torch.Tensor]], path: Path) -> None:
-    """One row per engine (16 images), reference first, so differences can be seen, not only counted."""
-    from PIL import Image, ImageDraw
-
+def save_parity_picture(out: Path, results: list[dict[str, Any]]) -> str | None:
+    """One row per engine, the CPU reference first, so differences can be seen, not only counted."""
+    try:
+        import torch
+        from PIL import Image, ImageDraw
+    except ImportError as exc:
+        return f"skipped: {exc}"
+    folder = out / "parity"
+    if not (folder / "reference.pt").exists():
+        return None
+    rows = [("CPU fp32 (reference)", torch.load(folder / "reference.pt"))]
+    for entry in results:
+        path = folder / f"{file_stem(entry['name'])}.pt"
+        if path.exists():
+            rows.append((entry["name"], torch.load(path)))
     label_w, gap = 170, 2
-    first = rows[0][1]
-    n, c, h, w = first.shape
+    n, c, h, w = rows[0][1].shape
     canvas = Image.new("L", (label_w + n * (w + gap), len(rows) * (h + gap)), 255)
     draw = ImageDraw.Draw(canvas)
     for i, (name, images) in enumerate(rows):
@@ -205,158 +440,373 @@ def save_parity_picture(rows: list[tuple[str, torch.Tensor]], path: Path) -> Non
             tile = images[j, 0] if c == 1 else images[j].float().mean(0).to(torch.uint8)
             canvas.paste(Image.fromarray(tile.numpy(), "L"), (label_w + j * (w + gap), y))
     canvas = canvas.resize((canvas.width * 2, canvas.height * 2), Image.NEAREST)
-    canvas.save(path)
+    canvas.save(out / "parity.png")
+    return str(out / "parity.png")
 
 
-def run_step(cmd: list[str], timeout: float, log: Path) -> dict[str, Any]:
-    """A subprocess step (own CUDA context, own time limit); its output goes to ``log``."""
+# ---------------------------------------------------------------------------- subprocess steps
+def run_step(cmd: list[str], timeout: float, log: Path, env: dict[str, str]) -> dict[str, Any]:
+    """A subprocess step in its own process group (its CUDA context, its time limit); at the limit the
+    group is terminated, then killed, so a server or compile workers it started go with it."""
     start = time.perf_counter()
-    print("$", " ".join(cmd), flush=True)
+    print("$", " ".join(cmd), f"  (limit {timeout:.0f} s)", flush=True)
     with open(log, "w") as handle:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout)
-            rc: int | str = proc.returncode
+            rc: int | str = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = f"timed out after {timeout:.0f} s"
-    tail = log.read_text()[-1500:]
-    print(f"  -> {rc} in {time.perf_counter() - start:.0f} s", flush=True)
-    return {"command": " ".join(cmd), "returncode": rc, "seconds": time.perf_counter() - start, "log_tail": tail}
+            for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+    seconds = time.perf_counter() - start
+    tail = log.read_text(errors="replace")[-2000:]
+    print(f"  -> {rc} in {seconds:.0f} s", flush=True)
+    return {"command": " ".join(cmd), "returncode": rc, "seconds": seconds, "log_tail": tail}
 
 
-def bench_steps(device: str, out: Path) -> list[tuple[str, list[str], float]]:
-    """(name, lowdiff bench arguments, time limit) for every speed measurement."""
-    ckpt = str(default_checkpoint_path())
-    if device == "cpu":  # smoke only: tiny runs of the same commands
-        return [
-            ("fashion32-b2", ["--checkpoint", ckpt, "--compare", "edm-fashion32", "--engine", "torch",
-                              "--batch", "2", "--runs", "1"], 300),
-        ]  # fmt: skip
-    return [
-        ("cifar10-b64", ["--config", "cifar10-cond", "--compare", "edm-cifar10-cond",
-                         "--engine", "cudagraph:bf16,cudagraph",
-                         "--batch", "64", "--runs", "5"], 200),
-        ("fashion32-b64", ["--checkpoint", ckpt, "--compare", "edm-fashion32",
-                           "--engine", "cudagraph,cudagraph:bf16,torch", "--batch", "64", "--runs", "10"], 120),
-    ]  # fmt: skip
+def saturation_command(engine: str, plan: Plan, out_dir: Path) -> tuple[list[str] | None, str | None]:
+    """The sweep's command line, from the flags its ``--help`` offers; (None, reason) when it cannot run."""
+    if not SATURATION.exists():
+        return None, f"skipped: {SATURATION.relative_to(ROOT)} is missing"
+    missing = [m for m in ("fastapi", "uvicorn", "httpx") if importlib.util.find_spec(m) is None]
+    try:
+        helped = subprocess.run([sys.executable, str(SATURATION), "--help"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=60)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return None, "skipped: `saturation.py --help` did not answer within 60 s"
+    if helped.returncode != 0:
+        return None, f"skipped: `saturation.py --help` failed: {(helped.stderr or helped.stdout)[-400:]}"
+    text = helped.stdout
+    if "locust" in text.lower() and importlib.util.find_spec("locust") is None and shutil.which("locust") is None:
+        missing.append("locust")
+    if missing:
+        return None, f"skipped: the service/load-test packages are missing: {', '.join(missing)}"
+    offered = set(re.findall(r"(--[a-z][a-z0-9-]*)", text))
+    needed = ["--engine", "--device", "--users"]
+    if not set(needed) <= offered:
+        return None, f"skipped: its command line has no {', '.join(sorted(set(needed) - offered))} (read from --help)"
+    out_flag = "--out-dir" if "--out-dir" in offered else "--out" if "--out" in offered else None
+    if out_flag is None:
+        return None, "skipped: its command line has no --out/--out-dir (read from --help)"
+    cmd = [sys.executable, str(SATURATION.relative_to(ROOT)), "--engine", engine, "--device", plan.device]
+    dropped = []
+    model = plan.models["saturation"]
+    if model and model[0] in offered:
+        cmd += model
+    elif model:
+        dropped.append(model[0].lstrip("-"))
+    for flag, value in plan.saturation_args.items():
+        if f"--{flag}" in offered:
+            cmd += [f"--{flag}", value]
+        else:
+            dropped.append(flag)
+    cmd += [out_flag, str(out_dir)]
+    return cmd, (f"flags it does not offer, left out: {', '.join(dropped)}" if dropped else None)
+
+
+def bench_command(args: list[str], device: str, json_path: Path) -> list[str]:
+    return [sys.executable, "-m", "lowdiff", "bench", *args, "--device", device, "--json", str(json_path)]
+
+
+# ---------------------------------------------------------------------------- summary
+def md_table(rows: list[list[str]], head: list[str]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 def summary_markdown(report: dict[str, Any]) -> str:
-    lines = ["# GPU check", "", "```", json.dumps(report.get("environment", {}), indent=1), "```", ""]
+    lines = ["# GPU check" + (" (CPU dry run)" if report.get("dry_run") else ""), ""]
+    plan_rows = []
+    for name, step in report["steps"].items():
+        took = step.get("seconds")
+        plan_rows.append([
+            name, f"{step['expected_s']:.0f}", f"{step['limit_s']:.0f}",
+            "–" if took is None else f"{took:.0f}", one_line(step.get("status", "not run")).replace("|", "/"),
+        ])  # fmt: skip
+    lines += ["## Steps", "", *md_table(plan_rows, ["step", "expected s", "limit s", "took s", "status"]), ""]
+    lines += ["## Environment", "", "```", json.dumps(report.get("environment", {}), indent=1), "```", ""]
     parity = report.get("parity", {}).get("results", [])
     if parity:
-        lines += [
-            "## Parity with the CPU fp32 reference (16 images) and determinism",
-            "",
-            "| engine | max levels | mean levels | > 2 levels | alone vs batch (levels) | same batch twice | note |",
-            "|---|---|---|---|---|---|---|",
-        ]
+        rows = []
         for e in parity:
             note = e.get("unavailable") or e.get("error") or ""
+            note = one_line(note, 160).replace("|", "/")
             if "max_levels" in e:
-                alone = e.get("alone_vs_batch_max_levels", float("nan"))
-                lines.append(
-                    f"| {e['name']} | {e['max_levels']:.0f} | {e['mean_levels']:.3f} | "
-                    f"{100 * e['share_over_2_levels']:.2f} % | {alone:.0f} | "
-                    f"{'identical' if e.get('same_batch_twice_identical') else 'DIFFERENT'} | {note} |"
-                )
+                same = "identical" if e.get("same_batch_twice_identical") else "DIFFERENT"
+                if "same_batch_twice_identical" not in e:
+                    same = "–"
+                alone = e.get("alone_vs_batch_max_levels")
+                rows.append([
+                    e["name"], f"{e['max_levels']:.0f}", f"{e['mean_levels']:.3f}",
+                    f"{100 * e['share_over_2_levels']:.2f} %", "–" if alone is None else f"{alone:.0f}", same,
+                    f"{e.get('load_s', 0):.1f}", note,
+                ])  # fmt: skip
             else:
-                lines.append(f"| {e['name']} | – | – | – | – | – | {note} |")
-        lines.append("")
-    for name, step in report.get("bench", {}).items():
-        lines += [f"## bench {name}", "", f"`{step['command']}` → {step['returncode']}", ""]
-        md = step.get("table")
-        lines += [md, ""] if md else ["```", step["log_tail"], "```", ""]
-        if step.get("ratio") is not None:
-            lines += [f"throughput ratio (first engine): {step['ratio']:.3f}", ""]
-    sat = report.get("saturation")
-    if sat:
-        lines += ["## saturation", "", f"`{sat['command']}` → {sat['returncode']}", ""]
-        lines += [sat.get("readme") or f"```\n{sat['log_tail']}\n```", ""]
-    return "\n".join(lines)
+                rows.append([e["name"], "–", "–", "–", "–", "–", "–", note])
+        head = ["engine", "max levels", "mean levels", "> 2 levels", "alone vs batch", "same batch twice", "load s",
+                "note"]  # fmt: skip
+        lines += ["## Parity with the CPU fp32 reference, and determinism", "", *md_table(rows, head), ""]
+        if report["parity"].get("picture"):
+            lines += [f"Picture: `{report['parity']['picture']}`", ""]
+    for key in ("profile", "profile-compile"):
+        md = report.get("outputs", {}).get(f"{key}.md")
+        if md:
+            md = md.replace("# Profile of one", f"## {key}: profile of one", 1).replace("\n## ", "\n### ")
+            lines += [md, ""]
+    costs_md = report.get("outputs", {}).get("costs.md")
+    if costs_md:
+        costs_md = costs_md.replace("\n### ", "\n#### ").replace("\n## ", "\n### ")
+        lines += [costs_md.replace("# Cost table", "## Cost table", 1), ""]
+    for key in ("bench-base", "bench-all"):
+        step = report["steps"].get(key, {})
+        md = report.get("outputs", {}).get(f"{key}.md")
+        if md or step.get("status") not in (None, "not run"):
+            lines += [f"## {key}", "", f"`{step.get('command', '')}` → {step.get('status')}", ""]
+            lines += [md, ""] if md else ["```", step.get("log_tail", ""), "```", ""]
+    for key in ("saturation-cudagraph", "saturation-compile"):
+        step = report["steps"].get(key, {})
+        if step.get("status") in (None, "not run"):
+            continue
+        lines += [f"## {key}", "", f"`{step.get('command', '-')}` → {step.get('status')}", ""]
+        readme = report.get("outputs", {}).get(f"{key}/README.md")
+        lines += [readme, ""] if readme else ["```", step.get("log_tail", ""), "```", ""]
+    return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+# ---------------------------------------------------------------------------- orchestration
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for every result")
-    p.add_argument("--device", default="cuda", help="cuda (the check), or cpu (plumbing smoke test)")
+    p.add_argument("--cpu-dry-run", action="store_true", help="every step with tiny sizes on the CPU")
+    p.add_argument("--dry-run-compile", action="store_true", help="keep torch.compile on in the dry run (slow)")
     p.add_argument("--tar", type=Path, default=None, help="also pack --out into this .tgz after every step")
-    p.add_argument("--deadline-s", type=float, default=540.0, help="time budget of the whole run")
-    p.add_argument("--skip", default="", help="comma list of steps to skip: parity,variants,saturation,bench")
-    args = p.parse_args()
-    deadline = time.monotonic() + args.deadline_s
+    p.add_argument("--deadline-s", type=float, default=480.0, help="time budget of the whole run")
+    p.add_argument("--skip", default="", help="comma list of steps (or groups: cost, saturation, bench, compile)")
+    p.add_argument("--only", default="", help="comma list of steps (or groups) to run, e.g. for a second run")
+    p.add_argument("--inductor-cache", type=Path, default=Path(tempfile.gettempdir()) / "lowdiff-inductor-cache")
+    p.add_argument("--plan", action="store_true", help="print the steps and the time estimate, run nothing")
+    # internal: one step's worker process
+    p.add_argument("--worker", choices=["parity"], help=argparse.SUPPRESS)
+    p.add_argument("--variants", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
 
-    def limit(step_limit: float) -> float:
-        return max(1.0, min(step_limit, deadline - time.monotonic()))
+    plan = dry_run_plan(args.out) if args.cpu_dry_run else gpu_plan()
+    if args.worker == "parity":
+        variants = [(k, pr, tf == "tf32") for k, pr, tf in (v.split(":") for v in args.variants.split(","))]
+        parity_worker(args.out, plan.device, variants, plan.parity_seeds, plan.parity_checkpoint)
+        return 0
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print(f"no CUDA GPU here (torch {torch.__version__}); nothing to check (--device cpu smoke-tests)")
-        raise SystemExit(0)
-    args.out.mkdir(parents=True, exist_ok=True)
-    skip = set(filter(None, args.skip.split(",")))
-    report: dict[str, Any] = {"environment": environment(), "bench": {}}
-    print(json.dumps(report["environment"], indent=1), flush=True)
+    start_time = time.monotonic()
+    deadline = start_time + args.deadline_s
+    skip = [s for s in args.skip.split(",") if s]
+    only = [s for s in args.only.split(",") if s]
+    steps = [s for s in plan.times if not selected(s, skip) and (not only or selected(s, only))]
+    expected_total = sum(plan.times[s][0] for s in steps)
+    base_total = sum(plan.times[s][0] for s in steps if s not in COMPILE_EXTRA)
+    print(f"gpu_check: {'CPU dry run' if args.cpu_dry_run else 'GPU run'}, {len(steps)} steps; estimated "
+          f"{base_total / 60:.1f} min without the compile steps, {expected_total / 60:.1f} min with them if "
+          f"torch.compile works; at most {args.deadline_s / 60:.1f} min (--deadline-s)", flush=True)  # fmt: skip
+    for s in plan.times:
+        if s not in steps:
+            print(f"  {s:22s} skipped (--skip/--only)", flush=True)
+            continue
+        print(f"  {s:22s} expected {plan.times[s][0]:4.0f} s, limit {plan.times[s][1]:4.0f} s", flush=True)
+    if args.plan:
+        return 0
+
+    import torch
+
+    if not args.cpu_dry_run and not torch.cuda.is_available():
+        print(f"no CUDA GPU here (torch {torch.__version__}); nothing to check (--cpu-dry-run checks the script)")
+        return 0
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    args.inductor_cache.mkdir(parents=True, exist_ok=True)
+    if args.cpu_dry_run:
+        write_dry_run_models(out)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "TORCHINDUCTOR_CACHE_DIR": str(args.inductor_cache.resolve()),
+        "PYTHONUNBUFFERED": "1",
+    }
+    if args.cpu_dry_run and not args.dry_run_compile:
+        env["TORCHDYNAMO_DISABLE"] = "1"  # torch.compile returns the module itself
+    report: dict[str, Any] = {
+        "dry_run": args.cpu_dry_run,
+        "device": plan.device,
+        "deadline_s": args.deadline_s,
+        "estimate_s": {"without_compile": base_total, "with_compile": expected_total},
+        "steps": {
+            s: {"expected_s": plan.times[s][0], "limit_s": plan.times[s][1], "status": "not run"} for s in plan.times
+        },
+        "outputs": {},
+    }
 
     def save() -> None:
-        (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
-        (args.out / "gpu_check.md").write_text(summary_markdown(report))
+        report["elapsed_s"] = time.monotonic() - start_time
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
+        (out / "gpu_check.md").write_text(summary_markdown(report))
         if args.tar is not None:
             with tarfile.open(args.tar, "w:gz") as tar:
-                tar.add(args.out, arcname=args.out.name)
+                tar.add(out, arcname=out.name)
 
-    def guarded(name: str, fn: Callable[[], Any]) -> None:
-        try:
-            report[name] = fn()
-        except Exception as exc:  # noqa: BLE001 -- record and go on to the next step
-            report[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-            print(report[name]["traceback"], flush=True)
-        save()
+    def keep_text(name: str) -> None:
+        path = out / name
+        if path.exists():
+            report["outputs"][name] = path.read_text()
 
-    save()
-    if "parity" not in skip:
-        guarded("parity", lambda: parity_and_determinism(LowDiffModel.load(None), args.device, args.out))
-    if "variants" not in skip and args.device == "cuda":
-        guarded("evaluation_variants", lambda: evaluation_variants(args.device))
-    if "saturation" not in skip:
-        try:
-            import fastapi  # noqa: F401
-            import uvicorn  # noqa: F401
-        except ImportError as exc:
-            report["saturation"] = {"command": "-", "returncode": f"skipped: {exc}", "log_tail": ""}
+    def step(name: str, body: Callable[[float], dict[str, Any]], gate: str | None = None) -> dict[str, Any]:
+        """Run ``body(limit)`` unless skipped; record status/time/result; save."""
+        entry = report["steps"][name]
+        left = deadline - time.monotonic()
+        if selected(name, skip) or (only and not selected(name, only)):
+            entry["status"] = "skipped (--skip/--only)"
+        elif gate is not None:
+            entry["status"] = f"skipped: {gate}"
+        elif left < max(5.0, plan.times[name][0] / 4):  # not worth starting with less than a quarter of it
+            entry["status"] = f"skipped: deadline (--deadline-s): {left:.0f} s left"
         else:
-            sat_dir = args.out / "saturation"
-            engine = ["--engine", "cudagraph"] if args.device == "cuda" else ["--engine", "torch", "--threads", "1"]
-            users = "1,16,64,256" if args.device == "cuda" else "1,2"
-            cmd = [sys.executable, "loadtests/saturation.py", *engine, "--device", args.device, "--max-batch",
-                   "64" if args.device == "cuda" else "2", "--users", users, "--ramp-s", "3", "--window-s", "10",
-                   "--bench-runs", "5" if args.device == "cuda" else "1", "--out-dir", str(sat_dir)]  # fmt: skip
-            step = run_step(cmd, limit(150), args.out / "saturation.log")
-            readme = sat_dir / "README.md"
-            step["readme"] = readme.read_text() if readme.exists() else None
-            report["saturation"] = step
+            limit = min(plan.times[name][1], left)
+            print(f"== {name} (limit {limit:.0f} s, {left:.0f} s left)", flush=True)
+            entry["status"] = "running"
+            began = time.perf_counter()
+            try:
+                result = body(limit)
+                status = result.pop("status", None)
+                entry.update(result)
+                rc = entry.get("returncode", 0)
+                entry["status"] = status or ("ok" if rc == 0 else f"failed: {rc}")
+            except Exception as exc:  # noqa: BLE001 -- record and go on to the next step
+                entry["status"] = f"error: {type(exc).__name__}: {exc}"
+                entry["traceback"] = traceback.format_exc()
+                print(entry["traceback"], flush=True)
+            entry["seconds"] = time.perf_counter() - began
         save()
-    if "bench" not in skip:
-        for name, flags, timeout in bench_steps(args.device, args.out):
-            json_path = args.out / f"bench-{name}.json"
-            cmd = [
-                sys.executable,
-                "-m",
-                "lowdiff",
-                "bench",
-                *flags,
-                "--device",
-                args.device,
-                "--json",
-                str(json_path),
-            ]
-            step = run_step(cmd, limit(timeout), args.out / f"bench-{name}.log")
-            if json_path.exists():
-                step["ratio"] = json.loads(json_path.read_text())["ratio"]
-                step["table"] = json_path.with_suffix(".md").read_text()
-            report["bench"][name] = step
-            save()
-    print(summary_markdown(report))
+        return entry
+
+    # 1. environment
+    def do_environment(limit: float) -> dict[str, Any]:
+        report["environment"] = environment(args.inductor_cache)
+        print(json.dumps(report["environment"], indent=1), flush=True)
+        return {"status": "ok"}
+
+    step("environment", do_environment)
+
+    # parity-type steps: the worker writes one file per variant; collect what exists afterwards
+    def parity_body(variants: list[tuple[str, str, bool]], log_name: str) -> Callable[[float], dict[str, Any]]:
+        def body(limit: float) -> dict[str, Any]:
+            for kind, precision, tf32 in variants:  # no stale result of an earlier run in this folder
+                for suffix in (".json", ".pt"):
+                    (out / "parity" / f"{file_stem(variant_name(kind, precision, tf32, plan.device))}{suffix}").unlink(
+                        missing_ok=True
+                    )
+            spec = ",".join(f"{k}:{pr}:{'tf32' if tf else 'notf32'}" for k, pr, tf in variants)
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "parity", "--out", str(out),
+                   "--variants", spec] + (["--cpu-dry-run"] if args.cpu_dry_run else [])  # fmt: skip
+            result = run_step(cmd, limit, out / f"{log_name}.log", env)
+            report["parity"] = collect_parity(out, plan)
+            report["parity"]["picture"] = save_parity_picture(out, report["parity"]["results"])
+            return result
+
+        return body
+
+    def bench_body(name: str, flags: list[str]) -> Callable[[float], dict[str, Any]]:
+        def body(limit: float) -> dict[str, Any]:
+            json_path = out / f"{name}.json"
+            result = run_step(bench_command(flags, plan.device, json_path), limit, out / f"{name}.log", env)
+            keep_text(f"{name}.md")
+            return result
+
+        return body
+
+    def cost_body(name: str) -> Callable[[float], dict[str, Any]]:
+        engines, batches = plan.cost_groups[name]
+
+        def body(limit: float) -> dict[str, Any]:
+            flags = ["--cost-table", *plan.models["cost"], "--engine", engines, "--batches", batches,
+                     "--warmup-runs", str(plan.cost_warmup), "--repeats", str(plan.cost_repeats)]  # fmt: skip
+            result = bench_body(name, flags)(limit)
+            merge_costs()
+            return result
+
+        return body
+
+    def merge_costs() -> None:
+        from lowdiff.bench.costs import merge_cost_tables, read_cost_table, write_cost_outputs
+
+        parts = []
+        for name in plan.cost_groups:
+            path = out / f"{name}.json"
+            if path.exists():
+                try:
+                    parts.append(read_cost_table(path))
+                except ValueError as exc:
+                    print(f"{path}: {exc}", flush=True)
+        if parts:
+            write_cost_outputs(merge_cost_tables(parts), out / "costs.json")
+            keep_text("costs.md")
+
+    def profile_body(name: str, engines: str) -> Callable[[float], dict[str, Any]]:
+        flags = ["--profile", *plan.models["profile"], "--engine", engines, "--batch", str(plan.profile_batch),
+                 "--warmup-runs", "2"]  # fmt: skip
+        return bench_body(name, flags)
+
+    def saturation_body(name: str) -> Callable[[float], dict[str, Any]]:
+        def body(limit: float) -> dict[str, Any]:
+            sat_dir = out / name
+            cmd, note = saturation_command(plan.saturation[name], plan, sat_dir)
+            if cmd is None:
+                print(f"  {note}", flush=True)
+                return {"status": note, "command": "-"}
+            result = run_step(cmd, limit, out / f"{name}.log", env)
+            if note:
+                result["note"] = note
+            keep_text(f"{name}/README.md")
+            summary = sat_dir / "summary.json"
+            if summary.exists():
+                result["summary"] = json.loads(summary.read_text())
+            return result
+
+        return body
+
+    bench_models = plan.models["bench"]
+    bench_sizes = ["--batch", str(plan.bench_batch), "--runs", str(plan.bench_runs)]
+    step("parity", parity_body(plan.parity_engines, "parity"))
+    step("profile", profile_body("profile", plan.profile_engines))
+    step("cost-torch", cost_body("cost-torch"))
+    step("cost-cudagraph", cost_body("cost-cudagraph"))
+    step("bench-base", bench_body("bench-base", [*bench_models, "--engine", plan.bench_engines, *bench_sizes]))
+    gate_entry = step("compile-gate", parity_body(plan.compile_gate, "compile-gate"))
+    gate = None
+    gate_results = [e for e in report.get("parity", {}).get("results", []) if e["engine"] == "compile"]
+    if gate_entry["status"].startswith("skipped (--skip/--only)"):
+        report["compile_gate"] = "not checked (--skip/--only)"
+    elif gate_entry["status"] != "ok":
+        gate = f"compile-gate {gate_entry['status']}"
+    elif not gate_results or "max_levels" not in gate_results[0]:
+        why = (gate_results[0].get("error") or gate_results[0].get("unavailable")) if gate_results else "no result"
+        gate = f"compile-gate: the compile engine did not run ({one_line(why)})"
+    report.setdefault("compile_gate", gate or "passed")
+    step("saturation-cudagraph", saturation_body("saturation-cudagraph"))
+    step("bench-all", bench_body("bench-all", [*bench_models, "--engine", plan.bench_all_engines, *bench_sizes]), gate)
+    step("cost-compile", cost_body("cost-compile"), gate)
+    step("profile-compile", profile_body("profile-compile", "compile,compile:bf16"), gate)
+    step("parity-compile", parity_body(plan.compile_parity, "parity-compile"), gate)
+    step("saturation-compile", saturation_body("saturation-compile"), gate)
+    report["finished"] = True
+    save()
+    print((out / "gpu_check.md").read_text())
+    print(f"gpu_check: done in {time.monotonic() - start_time:.0f} s; results in {out}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
