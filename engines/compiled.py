@@ -17,7 +17,8 @@ run on a GPU yet (README, "Deployment").
 
 Compiling costs seconds to minutes per graph, paid during warm-up (before ``/readyz`` turns 200) and
 kept across restarts by inductor's on-disk cache: ``engine_dir`` (``--engine-dir``) becomes
-``TORCHINDUCTOR_CACHE_DIR`` (the Helm chart mounts its engine-cache volume there).
+``TORCHINDUCTOR_CACHE_DIR``: point it at a persistent volume (with the Helm chart, `settings.engineDir`
+on the engine-cache volume) so that a restarted pod does not compile again.
 """
 
 from __future__ import annotations
