@@ -1,13 +1,16 @@
 """Locust users for LowDiff Serve: POST /generate with random class labels and seeds.
 
-Two tasks, tagged so a run can pick one (``--tags single``): single images as PNG bodies, and
-small batches as JSON. Every response is checked: status 200 and decodable PNGs of the size the
-server's /v1/models announces; anything else is a failure.
+``GenerateUser`` is a ``FastHttpUser`` (geventhttpclient: more requests/s per core than the
+python-requests ``HttpUser``). Two tasks, tagged so a run can pick one (``--tags single``): single
+images as PNG bodies, and small batches as JSON. Every response is checked: status 200 and decodable
+PNGs of the size the server's /v1/models announces; anything else is a failure.
 
     locust -f loadtests/locustfile.py --headless -u 8 -r 8 -t 30s --host http://127.0.0.1:8000
 
 ``LOWDIFF_API_KEY`` (if the server needs one) is sent as a bearer token; ``LOWDIFF_LOCUST_MAX_IMAGES``
-bounds the small-batch task (default 4).
+bounds the small-batch task (default 4). When Locust warns that its CPU is saturated, add worker
+processes (``--processes N``).
+The concurrency sweeps use ``locust_sweep.py`` (single-image users and a stepped ``LoadTestShape``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import io
 import os
 import random
 
-from locust import HttpUser, constant, tag, task
+from locust import FastHttpUser, constant, tag, task
 from PIL import Image
 
 MAX_SEED = 2**32 - 1
@@ -33,14 +36,14 @@ def png_size(data: bytes) -> tuple[int, int]:
         return image.size
 
 
-class GenerateUser(HttpUser):
+class GenerateUser(FastHttpUser):
     wait_time = constant(0)  # closed loop: a user sends its next request when the last one is answered
+    network_timeout = 600.0  # a loaded CPU server may take minutes; the server's own deadline decides
 
     def on_start(self) -> None:
         key = os.environ.get("LOWDIFF_API_KEY")
-        if key:
-            self.client.headers["Authorization"] = f"Bearer {key}"
-        info = self.client.get("/v1/models", name="/v1/models").json()
+        self.auth = {"Authorization": f"Bearer {key}"} if key else {}
+        info = self.client.get("/v1/models", name="/v1/models", headers=self.auth).json()
         self.num_classes = int(info.get("num_classes") or 0) if info.get("conditional", True) else 0
         self.resolution = int(info["resolutions"][-1])
         self.max_images = int(os.environ.get("LOWDIFF_LOCUST_MAX_IMAGES", "4"))
@@ -54,12 +57,12 @@ class GenerateUser(HttpUser):
     @tag("single")
     @task(3)
     def single_png(self) -> None:
-        headers = {"Accept": "image/png"}
+        headers = {**self.auth, "Accept": "image/png"}
         with self.client.post(
             "/generate", json=self._body(1), headers=headers, name="/generate [1, png]", catch_response=True
         ) as r:
             if r.status_code != 200:
-                r.failure(f"status {r.status_code}: {r.text[:200]}")
+                r.failure(f"status {r.status_code}: {(r.text or '')[:200]}")
                 return
             try:
                 size = png_size(r.content)
@@ -74,9 +77,11 @@ class GenerateUser(HttpUser):
     def small_batch_json(self) -> None:
         count = random.randint(2, max(2, self.max_images))
         body = self._body(count)
-        with self.client.post("/generate", json=body, name="/generate [2-4, json]", catch_response=True) as r:
+        with self.client.post(
+            "/generate", json=body, headers=self.auth, name="/generate [2-4, json]", catch_response=True
+        ) as r:
             if r.status_code != 200:
-                r.failure(f"status {r.status_code}: {r.text[:200]}")
+                r.failure(f"status {r.status_code}: {(r.text or '')[:200]}")
                 return
             try:
                 images = r.json()["images"]

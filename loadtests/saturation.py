@@ -2,45 +2,52 @@
 
 1. ``lowdiff bench`` measures engine-only throughput at batch ``--max-batch`` (same model, engine,
    threads), with no server running.
-2. ``lowdiff serve`` starts on 127.0.0.1 with ``--max-batch``; for each user count, closed-loop users
-   (each sends its next single-image request when the last one is answered) run for
-   ``--ramp-s`` + ``--window-s``. Throughput: the server's image counter, polled every 0.2 s,
-   between the first and the last batch that end inside the window (a window cut mid-batch would
-   be off by up to a whole batch); latency p50/p99: the requests answered inside the window.
-3. Writes ``saturation.csv``, ``saturation.png`` (throughput and p50/p99 vs users),
-   ``summary.json`` and ``README.md`` (machine, commands, table) into ``--out-dir``.
+2. ``lowdiff serve`` starts on 127.0.0.1 with ``--max-batch``; Locust (``loadtests/locust_sweep.py``, headless,
+   ``--processes`` worker processes) steps through the user counts of ``--users``: closed-loop users (each
+   sends its next request of ``--images-per-request`` images when the last one is answered), per level
+   ``--ramp-s`` unmeasured, then a ``--window-s`` window. Throughput: Locust's answered requests/s in the
+   window × images per request; latency p50/p99: Locust's percentiles of the window's requests. The
+   server's metrics, polled every 0.2 s, add the mean batch size, the engine's busy share and the
+   server's own images/s (between the first and the last batch that end inside the window). Responses come
+   a batch at a time, so a window should hold many batches (on CPU, batches take seconds: ``--window-s 60``).
+3. Writes ``saturation.csv``, ``saturation.png`` (throughput and p50/p99 vs users), ``summary.json``,
+   ``README.md`` (machine, commands, table) and Locust's CSV files and log into ``--out`` (default: a new
+   temporary folder, printed; the committed results in ``benchmarks/serve-saturation/`` change only by
+   ``--out benchmarks/serve-saturation``).
 
 Saturated service throughput is the throughput at the largest user count (there the queue never
 empties and every batch is full, as in the bench); the target is ≥ 90 % of bench throughput on
 CPU with the default model. The bench runs before and after the sweep and the reference is their
 mean, so that drift in the machine's other load shows up instead of skewing the ratio.
 
-    python loadtests/saturation.py --max-batch 16 --threads 1 --users 1,4,16,32 --window-s 60
+    python loadtests/saturation.py --max-batch 16 --threads 1 --users 1,16,32 --window-s 60
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import csv
 import json
 import os
 import platform
-import random
+import resource
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-MAX_SEED = 2**32 - 1
+LOCUSTFILE = Path(__file__).resolve().parent / "locust_sweep.py"
+# Locust worker processes: one per 4 CPUs, 1 to 4. The load generator shares the machine with the server
+# here; on 2 cores more workers only took CPU from the server (benchmarks/service-overhead/README.md).
+DEFAULT_PROCESSES = max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
 def model_flags(args: argparse.Namespace) -> list[str]:
@@ -87,11 +94,11 @@ def run_bench(args: argparse.Namespace, name: str) -> dict[str, Any]:
     from lowdiff.model import default_checkpoint_path
 
     flags = model_flags(args) or ["--checkpoint", str(default_checkpoint_path())]  # bench names its model
-    cmd = [sys.executable, "-m", "lowdiff.cli", "bench", *flags, *engine_flags(args),
+    cmd = [sys.executable, "-m", "lowdiff", "bench", *flags, *engine_flags(args),
            "--batch", str(args.max_batch), "--runs", str(args.bench_runs), "--json", str(out)]  # fmt: skip
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    print("$", " ".join(cmd[1:]), flush=True)
+    print("$ lowdiff", " ".join(cmd[3:]), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     report = json.loads(out.read_text())
     return {"command": "lowdiff " + " ".join(cmd[3:]), **report["results"][0]}
@@ -104,13 +111,13 @@ def free_port() -> int:
 
 
 def start_server(args: argparse.Namespace, port: int) -> tuple[subprocess.Popen[bytes], list[str]]:
-    cmd = [sys.executable, "-m", "lowdiff.cli", "serve", *model_flags(args), *engine_flags(args),
+    cmd = [sys.executable, "-m", "lowdiff", "serve", *model_flags(args), *engine_flags(args),
            "--port", str(port), "--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms),
            "--max-queue", "4096", "--timeout-s", "600", "--warmup-batch", str(args.max_batch),
            "--log-level", "warning"]  # fmt: skip
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    print("$", " ".join(cmd[1:]), flush=True)
+    print("$ lowdiff", " ".join(cmd[3:]), flush=True)
     log = open(args.out_dir / "serve.log", "wb")  # stays open as long as the server runs
     return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), cmd
 
@@ -129,153 +136,182 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600) ->
     raise SystemExit("server not ready in time")
 
 
-class KeepAliveClient:
-    """One user's HTTP/1.1 keep-alive connection, written on asyncio streams.
-
-    Why not httpx: its async pool collapses with many concurrent connections. Measured on this 2-core
-    machine against one server: GET /healthz at 1 / 16 / 256 users gave 741 / 494 / 92 requests/s through
-    one httpx.AsyncClient, and 3,922 / 4,520 / 4,242 through these connections; on an H100 the httpx
-    users capped the service at ~60–115 images/s while the engine alone did 605. Responses must carry
-    Content-Length (the service's always do); anything else is an error, not a guess.
-    """
-
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def post_json(self, path: str, body: dict[str, Any], accept: str) -> tuple[int, bytes]:
-        """(status, body); reconnects once when the server closed the idle connection."""
-        payload = json.dumps(body).encode()
-        request = (
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nAccept: {accept}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
-        ).encode() + payload
-        for attempt in (0, 1):
-            if self.writer is None:
-                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-            try:
-                self.writer.write(request)
-                await self.writer.drain()
-                return await self._read_response()
-            except (ConnectionError, asyncio.IncompleteReadError):
-                await self.close()
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
-
-    async def _read_response(self) -> tuple[int, bytes]:
-        assert self.reader is not None
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
-        if "content-length" not in headers:
-            raise ConnectionError(f"response without Content-Length (status {status})")
-        content = await self.reader.readexactly(int(headers["content-length"]))
-        if headers.get("connection", "").lower() == "close":
-            await self.close()
-        return status, content
-
-    async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-            self.reader = None
-
-
-def scrape(url: str) -> dict[str, float]:
+def scrape(url: str, client: httpx.Client | None = None) -> dict[str, float]:
+    """Each sample name's value, summed over its label sets (so labelled histograms add up)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    """Each sample name's value, summed over its label sets (so labelled histograms add up)."""
+    text = (client or httpx).get(url + "/metrics").text
     values: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+    for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if "le" not in sample.labels:
                 values[sample.name] = values.get(sample.name, 0.0) + float(sample.value)
     return values
 
 
-async def sweep_point(url: str, users: int, ramp_s: float, window_s: float, info: dict[str, Any]) -> dict[str, Any]:
-    """Closed-loop users; stats from the requests that complete inside [ramp, ramp + window]."""
-    conditional = bool(info.get("conditional"))
-    num_classes = int(info.get("num_classes") or 1)
-    start = time.monotonic()
-    window_start, window_end = start + ramp_s, start + ramp_s + window_s
-    done: list[tuple[float, float, bool]] = []  # (sent, answered, ok)
-    server_counts: dict[str, dict[str, float]] = {}
+class MetricsPoller:
+    """The server's counters, scraped every ``interval`` s in a thread while Locust runs: the server-side
+    columns of each measured window (mean batch size, engine busy share, the server's own images/s)."""
 
-    host, port = url.removeprefix("http://").split(":")
+    def __init__(self, url: str, interval: float = 0.2):
+        self.url, self.interval = url, interval
+        self.samples: list[tuple[float, dict[str, float]]] = []  # (time.time() after the scrape, values)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="metrics-poller", daemon=True)
 
-    async def user(k: int) -> None:
-        rng = random.Random(users * 1000 + k)
-        client = KeepAliveClient(host, int(port))
-        while time.monotonic() < window_end:
-            body: dict[str, int] = {"seed": rng.randrange(MAX_SEED)}
-            if conditional:
-                body["class_label"] = rng.randrange(num_classes)
-            sent = time.monotonic()
-            try:
-                status, content = await client.post_json("/generate", body, "image/png")
-                ok = status == 200 and content.startswith(PNG_SIGNATURE)
-            except (OSError, ValueError, asyncio.IncompleteReadError):
-                ok = False
-                await client.close()
-            done.append((sent, time.monotonic(), ok))
-        await client.close()
+    def __enter__(self) -> MetricsPoller:
+        self._thread.start()
+        return self
 
-    async def mark(name: str, at: float) -> None:
-        await asyncio.sleep(max(0.0, at - time.monotonic()))
-        server_counts[name] = await asyncio.to_thread(scrape, url)
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
 
-    # (when the image counter was seen to move, its value, the engine's total batch time then)
-    batch_ends: list[tuple[float, float, float]] = []
+    def _loop(self) -> None:
+        with httpx.Client(timeout=30) as client:
+            while not self._stop.is_set():
+                try:
+                    values = scrape(self.url, client)
+                    self.samples.append((time.time(), values))
+                except httpx.HTTPError:
+                    pass  # a missed sample only widens the gap between two others
+                self._stop.wait(self.interval)
 
-    async def poll() -> None:
-        await asyncio.sleep(max(0.0, window_start - time.monotonic()))
-        last = None
-        while time.monotonic() < window_end:
-            now = await asyncio.to_thread(scrape, url)
-            value = now["lowdiff_images_generated_total"]
-            if value != last:
-                batch_ends.append((time.monotonic(), value, now["lowdiff_batch_duration_seconds_sum"]))
-                last = value
-            await asyncio.sleep(0.2)
+    def window(self, t0: float, t1: float) -> dict[str, Any]:
+        """Server-side stats of [t0, t1]. Images/s and engine busy are timed between the first and the last
+        batch that end inside the window (a window cut mid-batch would be off by up to a whole batch)."""
+        inside = [(t, v) for t, v in self.samples if t0 <= t <= t1]
+        nan = float("nan")
+        if len(inside) < 2:
+            return {"server_images_per_s": nan, "engine_busy_fraction": nan, "mean_batch_size": nan,
+                    "batches_timed": 0}  # fmt: skip
+        first, last = inside[0][1], inside[-1][1]
+        batches = last["lowdiff_batch_size_images_count"] - first["lowdiff_batch_size_images_count"]
+        images = last["lowdiff_batch_size_images_sum"] - first["lowdiff_batch_size_images_sum"]
+        # (when the image counter was seen to move, its value, the engine's total batch time then); the
+        # first sample is the counter's value at the window's start, not a batch end
+        moves, previous = [], first["lowdiff_images_generated_total"]
+        for t, v in inside[1:]:
+            if v["lowdiff_images_generated_total"] != previous:
+                previous = v["lowdiff_images_generated_total"]
+                moves.append((t, previous, v["lowdiff_batch_duration_seconds_sum"]))
+        if len(moves) >= 2:
+            (ta, na, ea), (tb, nb, eb) = moves[0], moves[-1]
+        else:  # fewer than two batches ended inside the window: the plain span
+            (ta, va), (tb, vb) = inside[0], inside[-1]
+            na, ea = va["lowdiff_images_generated_total"], va["lowdiff_batch_duration_seconds_sum"]
+            nb, eb = vb["lowdiff_images_generated_total"], vb["lowdiff_batch_duration_seconds_sum"]
+        return {
+            "server_images_per_s": (nb - na) / (tb - ta),
+            # Share of wall time the engine spent running batches: 1 − this is what the service adds
+            # (gaps between batches), measured in the same seconds, so immune to the machine's drift.
+            "engine_busy_fraction": (eb - ea) / (tb - ta),
+            "mean_batch_size": images / batches if batches else nan,
+            "batches_timed": max(len(moves) - 1, 0),
+        }
 
-    await asyncio.gather(*(user(k) for k in range(users)), mark("start", window_start), mark("end", window_end), poll())
-    inside = [(s, e, ok) for s, e, ok in done if window_start <= e <= window_end]
-    latencies = np.array([e - s for s, e, ok in inside if ok])
-    a, b = server_counts["start"], server_counts["end"]
-    batches = b["lowdiff_batch_size_images_count"] - a["lowdiff_batch_size_images_count"]
-    images = b["lowdiff_batch_size_images_sum"] - a["lowdiff_batch_size_images_sum"]
-    moves = batch_ends[1:]  # the first sample is the counter's value at the window's start, not a batch end
-    if len(moves) >= 2:
-        (t0, n0, e0), (t1, n1, e1) = moves[0], moves[-1]
-        images_per_s = (n1 - n0) / (t1 - t0)
-        engine_busy = (e1 - e0) / (t1 - t0)
-    else:  # fewer than two batches ended inside the window: fall back to the plain count
-        images_per_s = (b["lowdiff_images_generated_total"] - a["lowdiff_images_generated_total"]) / window_s
-        engine_busy = float("nan")
-    return {
-        "users": users,
-        "images_per_s": images_per_s,
-        "batches_timed": max(len(moves) - 1, 0),
-        # Share of wall time the engine spent running batches: 1 − this is what the service adds
-        # (gaps between batches), measured in the same seconds, so immune to the machine's drift.
-        "engine_busy_fraction": engine_busy,
-        "client_images_per_s": sum(ok for *_, ok in inside) / window_s,
-        "p50_s": float(np.percentile(latencies, 50)) if len(latencies) else float("nan"),
-        "p99_s": float(np.percentile(latencies, 99)) if len(latencies) else float("nan"),
-        "requests_in_window": len(inside),
-        "failures": sum(not ok for *_, ok in done),
-        "mean_batch_size": images / batches if batches else float("nan"),
+
+def add_sweep_arguments(p: argparse.ArgumentParser, name: str, users: str, ramp_s: float, window_s: float) -> None:
+    """The Locust sweep's flags, shared by saturation.py and service_overhead.py."""
+    p.add_argument("--users", default=users, help="comma-separated concurrent-user levels")
+    p.add_argument("--ramp-s", type=float, default=ramp_s, help="unmeasured start of each level (>= 3)")
+    p.add_argument("--window-s", type=float, default=window_s, help="measured part of each level")
+    p.add_argument("--processes", type=int, default=DEFAULT_PROCESSES,
+                   help="Locust worker processes (locust --processes; 0: one process, no workers; -1: one per "
+                        "CPU); default: one per 4 CPUs, 1 to 4, here %(default)s")  # fmt: skip
+    p.add_argument("--images-per-request", type=int, default=1, help="num_images of each request")
+    p.add_argument("--out", "--out-dir", dest="out_dir", type=Path, default=None,
+                   help=f"result folder (default: a new lowdiff-{name}-* folder in the system temp dir)")  # fmt: skip
+
+
+def make_out_dir(args: argparse.Namespace, name: str) -> Path:
+    if args.out_dir is None:
+        args.out_dir = Path(tempfile.mkdtemp(prefix=f"lowdiff-{name}-"))
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"results: {args.out_dir}", flush=True)
+    return args.out_dir
+
+
+def locust_description(args: argparse.Namespace) -> dict[str, Any]:
+    from importlib.metadata import version
+
+    return {"version": version("locust"), "processes": args.processes, "user_class": "SweepUser (FastHttpUser)",
+            "locustfile": "loadtests/locust_sweep.py", "images_per_request": args.images_per_request,
+            "ramp_s": args.ramp_s, "window_s": args.window_s}  # fmt: skip
+
+
+def locust_sweep(url: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Runs ``loadtests/locust_sweep.py`` headless (one level per ``args.users``) against ``url`` while
+    polling the server's metrics; one row per level, and whole-run figures (requests and failures from
+    Locust's ``Aggregated`` stats row, the CPU time Locust used).
+
+    Locust's files land in ``args.out_dir``: ``locust_levels.csv`` (the windows), ``locust_stats.csv``,
+    ``locust_stats_history.csv``, ``locust_failures.csv``, ``locust_exceptions.csv``, ``locust.log``."""
+    users = [int(u) for u in str(args.users).split(",")]
+    prefix = args.out_dir / "locust"
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", url, "--only-summary",
+           "--sweep-users", ",".join(map(str, users)), "--sweep-ramp-s", str(args.ramp_s),
+           "--sweep-window-s", str(args.window_s), "--images-per-request", str(args.images_per_request),
+           "--csv", str(prefix), "--exit-code-on-error", "0"]  # fmt: skip
+    if args.processes:
+        cmd += ["--processes", str(args.processes)]
+    print("$ locust", " ".join(cmd[4:]), flush=True)
+    limit = len(users) * (args.ramp_s + args.window_s + 10) + 300
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with MetricsPoller(url) as poller, open(args.out_dir / "locust.log", "w") as log:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=limit).returncode
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # Locust and its workers, all waited for by now
+    levels: list[dict[str, str]] = []
+    if Path(f"{prefix}_levels.csv").is_file():
+        with open(f"{prefix}_levels.csv") as f:
+            levels = list(csv.DictReader(f))
+    if rc != 0 or len(levels) != len(users):
+        raise SystemExit(f"locust exited with {rc} after {len(levels)} of {len(users)} levels; see "
+                         f"{args.out_dir / 'locust.log'}")  # fmt: skip
+    with open(f"{prefix}_stats.csv") as f:
+        total = next(row for row in csv.DictReader(f) if row["Name"] == "Aggregated")
+    cpu_s = sum(getattr(cpu_after, k) - getattr(cpu_before, k) for k in ("ru_utime", "ru_stime"))
+    whole_run = {
+        "requests": int(total["Request Count"]),
+        "failures": int(total["Failure Count"]),
+        # CPU that the load generator took from the machine (the server shares it on one host)
+        "locust_cpu_s": round(cpu_s, 2),
+        "locust_cpu_ms_per_request": round(1000 * cpu_s / max(int(total["Request Count"]), 1), 3),
     }
+
+    def seconds(ms: str) -> float:
+        return float(ms) / 1000 if ms != "N/A" else float("nan")
+
+    rows = []
+    for level in levels:
+        ok_per_s = float(level["Requests/s"]) - float(level["Failures/s"])
+        rows.append({
+            "users": int(level["User Count"]),
+            "images_per_s": ok_per_s * int(level["Images/Request"]),  # Locust: answered requests × images
+            "requests_per_s": float(level["Requests/s"]),
+            "p50_s": seconds(level["50%"]),
+            "p99_s": seconds(level["99%"]),
+            "requests_in_window": int(level["Request Count"]),
+            "failures": int(level["Failure Count"]),
+            "window_s": int(level["Window Seconds"]),
+            **poller.window(float(level["Window Start"]), float(level["Window End"])),
+        })  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    print(json.dumps({"whole_run": whole_run}), flush=True)
+    if whole_run["failures"]:
+        print(f"warning: {whole_run['failures']} failed requests in the whole run; see locust_failures.csv")
+    return rows, whole_run
 
 
 def write_plot(
-    rows: list[dict[str, Any]], bench_ips: float, path: Path, title: str, reference: str = "lowdiff bench"
+    rows: list[dict[str, Any]],
+    bench_ips: float,
+    path: Path,
+    title: str,
+    reference: str = "lowdiff bench",
+    images_per_request: int = 1,
 ) -> None:
-    from engines.bench import headless_pyplot
+    from lowdiff.bench.plots import headless_pyplot
 
     plt = headless_pyplot()
     if plt is None:
@@ -287,7 +323,8 @@ def write_plot(
     ax1.axhline(bench_ips, color="k", linestyle="--", label=f"{reference} {bench_ips:.2f}")
     ax1.axhline(0.9 * bench_ips, color="grey", linestyle=":", label=f"90 % of {reference}")
     ax1.set_xscale("log", base=2)
-    ax1.set_xlabel("concurrent users (1 image per request)")
+    per_request = "1 image" if images_per_request == 1 else f"{images_per_request} images"
+    ax1.set_xlabel(f"concurrent users ({per_request} per request)")
     ax1.set_ylabel("images / s")
     ax1.set_ylim(bottom=0)
     ax1.legend(fontsize=8)
@@ -314,6 +351,12 @@ def write_readme(summary: dict[str, Any], rows: list[dict[str, Any]], path: Path
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['memory_gib']} GiB, {m['os']}, "
         f"torch {m['torch']}; load average at start {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])}.",
     ]
+    loc = summary["locust"]
+    lines.append(
+        f"Load: Locust {loc['version']} (`{loc['locustfile']}`, closed-loop {loc['user_class']}, "
+        f"{loc['images_per_request']} image(s) per request), `--processes {loc['processes']}`, on the same machine; "
+        f"per level {loc['ramp_s']:g} s unmeasured, then a {loc['window_s']:g} s window."
+    )
     if summary.get("note"):
         lines.append(f"Note: {summary['note']}")
     lines += [
@@ -327,6 +370,12 @@ def write_readme(summary: dict[str, Any], rows: list[dict[str, Any]], path: Path
         f"**{100 * summary['saturated_engine_busy_fraction']:.1f} %** of that time. Peak of the sweep: "
         f"{summary['peak_images_per_s']:.2f} images/s at {summary['peak_at_users']} users.",
         "",
+        "images/s: Locust's answered requests per second in the window × images per request; p50/p99: "
+        "Locust's percentiles of the window's requests. Server images/s: the server's image counter between "
+        "the first and the last batch that end in the window (a cross-check of the client's count). Responses "
+        "come a batch at a time, so the client's count in a window is off by up to one batch: with batches "
+        "of seconds, use windows of 20 batches or more.",
+        "",
         "Engine busy: the share of the timed span in which the engine was running a batch (from the "
         "server's lowdiff_batch_duration_seconds), measured in the same seconds as the throughput and so "
         "immune to the other load's drift; 1 − it is the time the service itself cost.",
@@ -337,14 +386,14 @@ def write_readme(summary: dict[str, Any], rows: list[dict[str, Any]], path: Path
         "",
         f"Command: `{summary['command']}`",
         "",
-        "| users | images/s | share of bench | engine busy | p50 (s) | p99 (s) | mean batch | batches timed "
-        "| failures |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| users | images/s | share of bench | server images/s | engine busy | p50 (s) | p99 (s) | mean batch "
+        "| batches timed | failures |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['users']} | {r['images_per_s']:.2f} | {100 * r['images_per_s'] / b['throughput_img_s']:.1f} % | "
-            f"{100 * r['engine_busy_fraction']:.1f} % | "
+            f"{r['server_images_per_s']:.2f} | {100 * r['engine_busy_fraction']:.1f} % | "
             f"{r['p50_s']:.2f} | {r['p99_s']:.2f} | {r['mean_batch_size']:.1f} | {r['batches_timed']} | "
             f"{r['failures']} |"
         )
@@ -362,14 +411,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-delay-ms", type=float, default=10.0)
-    p.add_argument("--users", default="1,2,4,8,16,32")
-    p.add_argument("--ramp-s", type=float, default=10.0)
-    p.add_argument("--window-s", type=float, default=60.0)
+    add_sweep_arguments(p, "serve-saturation", users="1,2,4,8,16,32", ramp_s=10.0, window_s=60.0)
     p.add_argument("--bench-runs", type=int, default=5)
     p.add_argument("--note", default="", help="free text for the README (e.g. other load on the machine)")
-    p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "serve-saturation")
     args = p.parse_args(argv)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+    make_out_dir(args, "serve-saturation")
     machine = machine_description()
     before = run_bench(args, "bench-before")
     print(f"bench before: {before['throughput_img_s']:.2f} images/s at batch {args.max_batch}", flush=True)
@@ -377,14 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc, serve_cmd = start_server(args, port)
-    rows: list[dict[str, Any]] = []
     try:
         wait_ready(url, proc)
         info = httpx.get(url + "/v1/models").json()
-        for users in [int(u) for u in args.users.split(",")]:
-            row = asyncio.run(sweep_point(url, users, args.ramp_s, args.window_s, info))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        rows, whole_run = locust_sweep(url, args)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=300)
@@ -413,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         "bench": bench,
         "serve_command": "lowdiff " + " ".join(serve_cmd[3:]),
         "command": "python loadtests/saturation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "locust": locust_description(args),
+        "whole_run": whole_run,
         "saturated_images_per_s": saturated["images_per_s"],
         "saturated_at_users": saturated["users"],
         "saturated_mean_batch_size": saturated["mean_batch_size"],
@@ -424,9 +468,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     title = f"{info.get('model')} on {info.get('engine')}, max batch {args.max_batch}: service vs lowdiff bench"
-    write_plot(rows, bench["throughput_img_s"], args.out_dir / "saturation.png", title)
+    write_plot(rows, bench["throughput_img_s"], args.out_dir / "saturation.png", title,
+               images_per_request=args.images_per_request)  # fmt: skip
     write_readme(summary, rows, args.out_dir / "README.md")
     print(f"saturated: {saturated['images_per_s']:.2f} images/s = {100 * summary['share_of_bench']:.1f} % of bench")
+    print(f"results: {args.out_dir}")
     return 0
 
 
