@@ -32,7 +32,6 @@ import os
 import platform
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from lowdiff.bench.server import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).resolve().parent / "locust_sweep.py"
@@ -104,12 +105,6 @@ def run_bench(args: argparse.Namespace, name: str) -> dict[str, Any]:
     return {"command": "lowdiff " + " ".join(cmd[3:]), **report["results"][0]}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(args: argparse.Namespace, port: int) -> tuple[subprocess.Popen[bytes], list[str]]:
     cmd = [sys.executable, "-m", "lowdiff", "serve", *model_flags(args), *engine_flags(args),
            "--port", str(port), "--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms),
@@ -120,20 +115,6 @@ def start_server(args: argparse.Namespace, port: int) -> tuple[subprocess.Popen[
     print("$ lowdiff", " ".join(cmd[3:]), flush=True)
     log = open(args.out_dir / "serve.log", "wb")  # stays open as long as the server runs
     return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), cmd
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; see serve.log")
-        try:
-            if httpx.get(url + "/readyz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.25)
-    raise SystemExit("server not ready in time")
 
 
 def scrape(url: str, client: httpx.Client | None = None) -> dict[str, float]:

@@ -22,7 +22,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from lowdiff.bench.server import free_port, wait_ready
 from lowdiff.configs import ModelConfig, get_config
 from lowdiff.model import LowDiffModel
 from lowdiff.network import NetworkConfig
@@ -74,26 +74,6 @@ def tiny_model(label_dim: int) -> LowDiffModel:
         for p in model.denoiser.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     return model.with_schedule(SHORT_SCHEDULE)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"lowdiff serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("lowdiff serve never became ready")
 
 
 def bad_log_line(line: str) -> bool:
@@ -152,7 +132,7 @@ def run_one(name: str, label_dim: int, api_key: str | None, args: argparse.Names
     with open(log_path, "w") as log:
         proc = subprocess.Popen(serve, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_ready(url, proc, log_path)
+        wait_ready(url, proc, 120, log_path)
         ready_at = log_path.stat().st_size  # the 503s of /readyz while loading are expected
         shown = " ".join(shlex.quote(c) for c in command).replace(api_key or "\0", "$LOWDIFF_API_KEY")
         print(f"[{name}] {shown}", flush=True)
