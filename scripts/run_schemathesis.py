@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from lowdiff.bench.server import free_port, wait_ready
+from lowdiff.bench.server import free_port, stop, wait_ready
 from lowdiff.configs import ModelConfig, get_config
 from lowdiff.model import LowDiffModel
 from lowdiff.network import NetworkConfig
@@ -147,12 +146,7 @@ def run_one(name: str, label_dim: int, api_key: str | None, args: argparse.Names
         with open(out_path, "a") as out:
             out.write(f"\n# POST /generate answers by status (the server's lowdiff_requests_total): {statuses}\n")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait()
+        code = stop(proc, 60)
     bad_log = [line for line in log_path.read_bytes()[ready_at:].decode().splitlines() if bad_log_line(line)]
     if code != 0 or bad_log:
         print(f"[{name}] server exit status {code}; error lines: {bad_log[:5]}", flush=True)

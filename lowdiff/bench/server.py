@@ -36,3 +36,13 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600, log_path:
             pass
         time.sleep(0.25)
     raise SystemExit(f"lowdiff serve not ready within {timeout:g} s")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 60) -> int:
+    """SIGTERM (the server drains), then SIGKILL after ``timeout``; the exit status."""
+    proc.terminate()
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
