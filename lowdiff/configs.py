@@ -126,6 +126,7 @@ FFHQ_2STAGE = CascadeSchedule(
 
 
 def _builtin() -> dict[str, ModelConfig]:
+    # Long on purpose: one flat table of every built-in config is easier to read than a generator.
     configs = [
         ModelConfig(
             "edm-cifar10-cond",

@@ -160,6 +160,8 @@ class UnifiedUNet(nn.Module):
     """
 
     def __init__(self, config: NetworkConfig):
+        # Long on purpose: the layers are built in EDM's order and with its names, so that checkpoints map
+        # onto EDM's by name; splitting it would scatter that correspondence.
         super().__init__()
         self.config = config
         c = config
