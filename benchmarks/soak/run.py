@@ -210,6 +210,7 @@ def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return {
         "label": args.label,
         "command": " ".join(sys.argv),
+        "code": code_version(),
         "server": "serve_probe.py (lowdiff serve + tracemalloc probes)" if args.probe else "lowdiff serve",
         "server_flags": ["--threads", "1"] + (["--checkpoint", str(args.checkpoint)] if args.checkpoint else []),
         "server_env": args.env,
@@ -229,6 +230,13 @@ def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
 
 
+def code_version() -> dict[str, Any]:
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
 def _sample(exposition: str, name: str, labels: str = "") -> float | None:
     for line in exposition.splitlines():
         if line.startswith(name) and labels in line and not line.startswith("#"):
@@ -244,18 +252,35 @@ def slope_per_1000(points: list[tuple[int, float]]) -> float:
     return 1000 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
 
 
-def summarize_samples(samples: list[dict[str, float]], warmup: int) -> dict[str, Any]:
+def summarize_samples(samples: list[dict[str, float]], warmup: int, window: int = 500) -> dict[str, Any]:
+    """RSS at the milestones, least-squares slopes, and per-window floor (min) and peak (max): a sample
+    lands either between batches or while one holds its activations, so RSS saws up and down by a few
+    MB; a leak raises the floor."""
+
     def at(n: int) -> float:
         return min(samples, key=lambda s: abs(s["requests"] - n))["rss_mb"]
 
     last = samples[-1]["requests"]
     points = [(int(s["requests"]), s["rss_mb"]) for s in samples]
+    windows = []
+    for start in range(warmup, last, window):
+        inside = [rss for n, rss in points if start <= n <= start + window]
+        windows.append(
+            {
+                "requests": f"{start}–{min(start + window, last)}",
+                "floor_mb": round(min(inside), 1),
+                "peak_mb": round(max(inside), 1),
+            }
+        )
+    floors = [(warmup + window * (k + 1), w["floor_mb"]) for k, w in enumerate(windows)]
     return {
         "rss_ready_mb": round(samples[0]["rss_mb"], 1),
         "rss_after_warmup_mb": round(at(warmup), 1),
         **{f"rss_at_{n}_mb": round(at(n), 1) for n in MILESTONES if n <= last},
         "slope_last_1000_mb_per_1000": round(slope_per_1000([p for p in points if p[0] >= last - 1000]), 2),
         "slope_after_warmup_mb_per_1000": round(slope_per_1000([p for p in points if p[0] >= warmup]), 2),
+        "floor_slope_after_warmup_mb_per_1000": round(slope_per_1000(floors), 2) if len(floors) > 1 else None,
+        "windows": windows,
     }
 
 
@@ -270,7 +295,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     for result in results:
         xs = [s["requests"] for s in result["samples"]]
         ys = [s["rss_mb"] for s in result["samples"]]
-        ax.plot(xs, ys, marker=".", markersize=3, label=result["label"])
+        label = result["label"] + (" (RSS includes tracemalloc and its snapshots)" if result.get("probes") else "")
+        ax.plot(xs, ys, marker=".", markersize=3, label=label)
     ax.axvline(results[0]["warmup_requests"], color="#999999", linestyle=":", linewidth=1)
     ax.set_xlabel("requests answered")
     ax.set_ylabel("server RSS (MB)")
@@ -285,9 +311,9 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 def table(results: list[dict[str, Any]]) -> str:
     head = (
         "| run | server env | RSS ready | after warm-up | at 1k | at 2k | at 3k | slope, last 1k (MB/1k req) "
-        "| slope after warm-up | wall | answers |"
+        "| slope after warm-up | floor slope after warm-up | wall | answers |"
     )
-    rows = [head, "|" + "---|" * 11]
+    rows = [head, "|" + "---|" * 12]
     for r in results:
         s = r["summary"]
         answers = ", ".join(f"{k}: {v}" for k, v in r["answers"].items())
@@ -295,6 +321,7 @@ def table(results: list[dict[str, Any]]) -> str:
             f"| {r['label']} | {' '.join(r['server_env']) or '—'} | {s['rss_ready_mb']} | {s['rss_after_warmup_mb']} "
             f"| {s.get('rss_at_1000_mb', '—')} | {s.get('rss_at_2000_mb', '—')} | {s.get('rss_at_3000_mb', '—')} "
             f"| {s['slope_last_1000_mb_per_1000']:+.2f} | {s['slope_after_warmup_mb_per_1000']:+.2f} "
+            f"| {s['floor_slope_after_warmup_mb_per_1000']:+.2f} "
             f"| {r['wall_s']:.0f} s | {answers} |"
         )
     return "\n".join(rows)
@@ -319,6 +346,8 @@ def main() -> int:
     if args.summarize:
         results = [json.loads(p.read_text()) for p in sorted(args.out_dir.glob("*.json"))]
         results.sort(key=lambda r: r.get("order", 0))
+        for r in results:  # recomputed from the samples, so that the table follows this script
+            r["summary"] = summarize_samples(r["samples"], r["warmup_requests"])
         plot(results, args.out_dir / "rss.png")
         print(table(results))
         return 0
