@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from lowdiff.engines.cudagraph import DEFAULT_BUCKETS, bucket_for, cudagraph_runners
 from lowdiff.engines.torch_eager import resolve_device
 from lowdiff.errors import SettingsError
 from lowdiff.model import PRECISIONS, LowDiffModel, TorchStage
@@ -42,9 +43,6 @@ def use_cache_dir(engine_dir: str | Path | None) -> None:
     if engine_dir is not None:
         Path(engine_dir).mkdir(parents=True, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(engine_dir).resolve())
-
-
-DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def compile_denoiser(denoiser: Denoiser) -> Any:
@@ -82,7 +80,7 @@ class BucketedStage:
                 for i in range(0, batch, largest)
             ]
             return torch.cat(parts)
-        bucket = next(b for b in self.buckets if b >= batch)
+        bucket = bucket_for(batch, self.buckets)
         if bucket == batch:
             return self.fn(x, sigma, class_labels, condition, sigma_cond)
 
@@ -113,7 +111,6 @@ def compiled_runners(
         raise SettingsError("the CPU runs fp32 or bf16 (fp16 is for CUDA)", "precision")
     use_cache_dir(engine_dir)
     if dev.type == "cuda":
-        from lowdiff.engines.cudagraph import cudagraph_runners
 
         return cudagraph_runners(model, device, precision, transform=compile_denoiser)
     compiled = compile_denoiser(copy.deepcopy(model.denoiser).eval())

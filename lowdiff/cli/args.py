@@ -10,24 +10,22 @@ from lowdiff.requests import MAX_SEED
 HelpFormatter = argparse.ArgumentDefaultsHelpFormatter
 
 
-def nonnegative_int(text: str) -> int:
+def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {value}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be ≥ {low}, got {value}")
     return value
+
+
+def nonnegative_int(text: str) -> int:
+    return _int_at_least(text, 0)
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
-    return value
+    return _int_at_least(text, 1)
 
 
 def positive_float(text: str) -> float:
