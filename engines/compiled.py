@@ -111,7 +111,6 @@ def compiled_runners(
         raise SettingsError("the CPU runs fp32 or bf16 (fp16 is for CUDA)", "precision")
     use_cache_dir(engine_dir)
     if dev.type == "cuda":
-
         return cudagraph_runners(model, device, precision, transform=compile_denoiser)
     compiled = compile_denoiser(copy.deepcopy(model.denoiser).eval())
     return {
