@@ -29,6 +29,7 @@ from lowdiff.export.manifest import MANIFEST_FORMAT, OUTPUT, stage_input_names, 
 from lowdiff.hashing import file_sha256, weights_sha256
 from lowdiff.model import LowDiffModel, config_to_dict
 from lowdiff.precond import Denoiser
+from lowdiff.progress import Progress
 
 Exporter = Literal["torchscript", "dynamo"]
 DEFAULT_OPSET = 17
@@ -153,8 +154,12 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     exporter: Exporter = "torchscript",
     check: bool = True,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Write ``stage{r}.onnx`` per stage and ``manifest.json`` into ``out_dir``; returns the manifest."""
+    """Write ``stage{r}.onnx`` per stage and ``manifest.json`` into ``out_dir``; returns the manifest.
+
+    ``progress`` counts stages (a stage's export takes seconds with torchscript, minutes with dynamo).
+    """
     import onnx
 
     out = Path(out_dir)
@@ -182,6 +187,8 @@ def export_onnx(
                 **stage_io(k, r, config.network.img_channels, config.conditional),
             }
         )
+        if progress is not None:
+            progress.update(1, stage=f"{r}×{r}")
     manifest = {
         "format": MANIFEST_FORMAT,
         "engine_format": "onnx",

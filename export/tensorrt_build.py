@@ -22,6 +22,7 @@ from lowdiff.export.manifest import MANIFEST_FORMAT, write_manifest
 from lowdiff.export.onnx_stages import MAX_BATCH, export_onnx
 from lowdiff.hashing import file_sha256
 from lowdiff.model import LowDiffModel
+from lowdiff.progress import Progress
 
 TRT_PRECISIONS = ("fp16", "fp32")
 
@@ -82,8 +83,12 @@ def export_tensorrt(
     *,
     precision: str = "fp16",
     max_batch: int = MAX_BATCH,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Export ONNX per stage into ``out_dir``, then build one TensorRT engine per stage beside it."""
+    """Export ONNX per stage into ``out_dir``, then build one TensorRT engine per stage beside it.
+
+    ``progress`` counts 2 units per stage: its ONNX export, then its engine build.
+    """
     if precision not in TRT_PRECISIONS:
         raise ConfigError(
             f"TensorRT engines are built as {' or '.join(TRT_PRECISIONS)}, not {precision!r}", "precision"
@@ -91,7 +96,7 @@ def export_tensorrt(
     trt = import_tensorrt()
     capability = gpu_compute_capability()
     out = Path(out_dir)
-    manifest = export_onnx(model, out)
+    manifest = export_onnx(model, out, progress=progress)
     for stage in manifest["stages"]:
         shapes = {i["name"]: i["shape"] for i in stage["inputs"]}
         data = build_stage_engine(trt, out / stage["file"], shapes, precision, max_batch)
@@ -99,6 +104,8 @@ def export_tensorrt(
         (out / name).write_bytes(data)
         stage["onnx_file"], stage["onnx_sha256"] = stage["file"], stage["sha256"]
         stage["file"], stage["sha256"] = name, file_sha256(out / name)
+        if progress is not None:
+            progress.update(1, stage=f"{stage['resolution']}×{stage['resolution']} engine")
     manifest.update(
         {
             "format": MANIFEST_FORMAT,

@@ -28,6 +28,7 @@ from torch import nn
 
 from lowdiff.errors import CheckpointError, LowDiffError
 from lowdiff.model import atomic_torch_save, default_checkpoint_path
+from lowdiff.progress import Progress
 
 CLASSIFIER_FORMAT = "lowdiff-classifier-v1"
 
@@ -101,19 +102,20 @@ def train_classifier(
     seed: int = 0,
     log: TextIO = sys.stderr,
 ) -> Classifier:
-    """Train on [−1, 1] images with ±2-pixel random shifts; prints progress per epoch."""
+    """Train on [−1, 1] images with ±2-pixel random shifts; progress (images, running accuracy) on ``log``."""
     torch.manual_seed(seed)
     model = Classifier(images.shape[1], num_classes, images.shape[-1])
-    steps = epochs * (len(images) // batch_size)
+    per_epoch = len(images) // batch_size
+    steps = epochs * per_epoch
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    start = time.perf_counter()
+    progress = Progress(steps * batch_size, "training classifier", "img", stream=log)
     for epoch in range(epochs):
         order = torch.randperm(len(images), generator=gen)
         correct = total = 0
-        for i in range(len(images) // batch_size):
+        for i in range(per_epoch):
             idx = order[i * batch_size : (i + 1) * batch_size]
             x = images[idx]
             dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
@@ -126,14 +128,15 @@ def train_classifier(
             sched.step()
             correct += int((logits.argmax(1) == labels[idx]).sum())
             total += len(idx)
-        rate = (epoch + 1) * len(images) / (time.perf_counter() - start)
-        accuracy = correct / total
-        print(f"epoch {epoch + 1}/{epochs}  train accuracy {accuracy:.4f}  {rate:.0f} img/s", file=log, flush=True)
+            progress.update(len(idx), epoch=f"{epoch + 1}/{epochs}", train_accuracy=correct / total)
+    progress.close()
     return model.eval()
 
 
 @torch.no_grad()
-def classify(model: Classifier, images: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+def classify(
+    model: Classifier, images: torch.Tensor, batch_size: int = 500, progress: Progress | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted labels, penultimate features) for [−1, 1] images, in eval mode (BatchNorm, dropout)."""
     model.eval()
     preds, feats = [], []
@@ -141,7 +144,17 @@ def classify(model: Classifier, images: torch.Tensor, batch_size: int = 500) -> 
         f = model.features(images[i : i + batch_size])
         feats.append(f.double())
         preds.append(model.head(f).argmax(1))
+        if progress is not None:
+            progress.update(len(f))
     return torch.cat(preds), torch.cat(feats)
+
+
+def classify_with_progress(
+    model: Classifier, images: torch.Tensor, desc: str, log: TextIO | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`classify` with a :class:`~lowdiff.progress.Progress` of its own (scoring 60k images takes a minute)."""
+    with Progress(len(images), desc, "img", stream=log) as progress:
+        return classify(model, images, progress=progress)
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -195,15 +208,12 @@ def generate_samples(
     """Images for seeds seed0…seed0+n−1 with classes cycling 0…K−1; progress every batch."""
     labels = torch.arange(num_samples) % num_classes if num_classes else None
     out = []
-    start = time.perf_counter()
-    for i in range(0, num_samples, batch_size):
-        seeds = list(range(seed0 + i, seed0 + min(i + batch_size, num_samples)))
-        batch_labels = labels[i : i + len(seeds)].tolist() if labels is not None else None
-        out.append(generate(seeds, batch_labels))
-        done = i + len(seeds)
-        if log is not None:
-            rate = done / (time.perf_counter() - start)
-            print(f"generated {done}/{num_samples}  {rate:.1f} img/s", file=log, flush=True)
+    with Progress(num_samples, "generating", "img", stream=log) as progress:
+        for i in range(0, num_samples, batch_size):
+            seeds = list(range(seed0 + i, seed0 + min(i + batch_size, num_samples)))
+            batch_labels = labels[i : i + len(seeds)].tolist() if labels is not None else None
+            out.append(generate(seeds, batch_labels))
+            progress.update(len(seeds))
     return torch.cat(out), labels
 
 
@@ -297,14 +307,13 @@ def evaluate(
     start = time.perf_counter()
     num_classes = classifier.num_classes if reference_labels is not None else 0
     samples, labels = generate_samples(generate, num_samples, num_classes, batch_size, seed0, log)
-    if log is not None:
-        print(f"scoring {len(reference)} held-out reference images…", file=log, flush=True)
-    ref_preds, ref_feats = classify(classifier, reference)
+    ref_preds, ref_feats = classify_with_progress(classifier, reference, "scoring held-out reference", log)
     scores = score_samples(samples, labels, classifier, ref_feats)
     ceiling = float((ref_preds == reference_labels).float().mean()) if reference_labels is not None else None
-    if training is not None and log is not None:
-        print(f"scoring {len(training)} training images for the FD floor…", file=log, flush=True)
-    floor = frechet_distance(ref_feats, classify(classifier, training)[1]) if training is not None else None
+    floor = None
+    if training is not None:
+        train_feats = classify_with_progress(classifier, training, "scoring training images (FD floor)", log)[1]
+        floor = frechet_distance(ref_feats, train_feats)
     report = QualityReport(
         num_samples=num_samples,
         class_agreement=scores["class_agreement"],

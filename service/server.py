@@ -23,6 +23,7 @@ from lowdiff.service.app import create_app
 from lowdiff.service.logs import configure_logging
 from lowdiff.service.settings import ServeSettings
 from lowdiff.service.state import Service
+from lowdiff.threads import default_threads
 
 log = logging.getLogger("lowdiff.service")
 
@@ -105,8 +106,7 @@ def serve(settings: ServeSettings) -> int:
     model = load_model(settings.checkpoint, settings.config)
     configure_logging(settings.log_level)
     warn_if_open(settings)
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    torch.set_num_threads(settings.threads or default_threads())
     app = create_app(settings, model=model)
     config = uvicorn.Config(
         app,

@@ -81,7 +81,9 @@ class ServeSettings(BaseSettings):
     max_timeout_s: float = Field(3600.0, gt=0, description="largest timeout_s a request may ask for")
     grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish")
     warmup_batch: int = Field(1, ge=1, description="images in the warm-up batch run before /readyz turns 200")
-    threads: int = Field(0, ge=0, description="torch intra-op threads (0 = torch's default)")
+    threads: int = Field(
+        0, ge=0, description="torch intra-op threads (0 = the CPUs idle at start, at least 1: lowdiff/threads.py)"
+    )
     max_body_bytes: int = Field(16384, ge=1, description="largest accepted request body")
     body_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="a request body not received within this many seconds gets 408"

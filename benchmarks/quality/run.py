@@ -36,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -51,9 +51,10 @@ from lowdiff.configs import get_config  # noqa: E402
 from lowdiff.counting import build_denoiser, stage_gflops  # noqa: E402
 from lowdiff.data import load_split  # noqa: E402
 from lowdiff.errors import CheckpointError, LowDiffError  # noqa: E402
-from lowdiff.evaluation import Classifier, classify, frechet_distance, score_samples  # noqa: E402
+from lowdiff.evaluation import Classifier, classify_with_progress, frechet_distance, score_samples  # noqa: E402
 from lowdiff.imaging import save_png, tile  # noqa: E402
 from lowdiff.model import LowDiffModel  # noqa: E402
+from lowdiff.progress import Progress  # noqa: E402
 from lowdiff.schedule import CascadeSchedule, StageSchedule  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -135,7 +136,9 @@ def cache_name(point: Point, model: LowDiffModel) -> str:
     return f"{point.name}-{weights}-{schedule}.npz"
 
 
-def cached_samples(point: Point, model: LowDiffModel, count: int, cache: Path, chunk: int = 640) -> np.ndarray:
+def cached_samples(
+    point: Point, model: LowDiffModel, count: int, cache: Path, chunk: int = 640, log: TextIO | None = sys.stderr
+) -> np.ndarray:
     """uint8 [count, C, R, R] for seeds 0…count−1 (class = seed mod K; batches of 64), cached in ``cache``.
 
     Image i depends only on (class, seed), so a cache is extended by generating just the missing
@@ -145,10 +148,9 @@ def cached_samples(point: Point, model: LowDiffModel, count: int, cache: Path, c
     done = 0 if images is None else len(images)
     if done >= count:
         return images[:count]
-    print(f"[{point.name}] generating images {done}…{count - 1}: {point.note}", file=sys.stderr, flush=True)
+    progress = Progress(count, f"[{point.name}] {point.note}", "img", stream=log, initial=done)
     runnable = model.with_schedule(point.schedule)
     classes = max(model.config.num_classes, 1)
-    start = time.perf_counter()
     for begin in range(done, count, chunk):
         end = min(begin + chunk, count)
         batches = []
@@ -156,12 +158,12 @@ def cached_samples(point: Point, model: LowDiffModel, count: int, cache: Path, c
             seeds = list(range(first, min(first + 64, end)))
             labels = [seed % classes for seed in seeds] if model.config.conditional else None
             batches.append(runnable.generate(seeds, labels).numpy())
+            progress.update(len(seeds))
         images = np.concatenate(batches if images is None else [images, *batches])
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
         np.savez(tmp, images=images)
         tmp.replace(path)
-        rate = (end - done) / (time.perf_counter() - start)
-        print(f"[{point.name}] {end}/{count} images, {rate:.2f} img/s", file=sys.stderr, flush=True)
+    progress.close()
     assert images is not None
     return images
 
@@ -273,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs/quality-cache")
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -329,17 +332,20 @@ def main(argv: list[str] | None = None) -> None:
     except LowDiffError as exc:
         parser.error(f"--data: {exc}")
     args.cache.mkdir(parents=True, exist_ok=True)
+    log = None if args.quiet else sys.stderr
     samples = {
-        p.name: cached_samples(p, models[p.model], args.num_samples if p.headline else args.sweep_samples, args.cache)
+        p.name: cached_samples(
+            p, models[p.model], args.num_samples if p.headline else args.sweep_samples, args.cache, log=log
+        )
         for p in points
     }
     if args.samples_only:
         return
 
-    ref_preds, ref_feats = classify(classifier, held)
+    ref_preds, ref_feats = classify_with_progress(classifier, held, "scoring held-out reference", log)
     generator = torch.Generator().manual_seed(0)
     train_sub = train[torch.randperm(len(train), generator=generator)[: args.num_samples]]
-    train_feats = classify(classifier, train_sub)[1]
+    train_feats = classify_with_progress(classifier, train_sub, "scoring training images (FD floor)", log)[1]
     floors = {
         "fd_real_sweep": round(frechet_distance(train_feats[: args.sweep_samples], ref_feats), 3),
         "fd_real_full": round(frechet_distance(train_feats, ref_feats), 3),
@@ -347,12 +353,13 @@ def main(argv: list[str] | None = None) -> None:
         "classifier_accuracy_real": round(float((ref_preds == held_labels).float().mean()), 5),
     }
 
-    print(f"timing {len(points)} points × {args.rounds} rounds of {args.batch} images", file=sys.stderr, flush=True)
     targets = [
         prepare(models[p.model].with_schedule(p.schedule), "torch", batch=args.batch, threads=args.threads)
         for p in points
     ]
-    timings = run_interleaved(targets, args.rounds)
+    desc = f"timing {len(points)} points at batch {args.batch}"
+    with Progress(len(points) * args.rounds, desc, "batch", stream=log) as progress:
+        timings = run_interleaved(targets, args.rounds, progress)
 
     (args.out / "grids").mkdir(parents=True, exist_ok=True)
     results = []

@@ -29,6 +29,7 @@ import torch
 from lowdiff.bench.machine import device_description, load_average, runtime_versions
 from lowdiff.engines import ENGINE_KINDS, load_engine
 from lowdiff.errors import SettingsError
+from lowdiff.progress import Progress
 
 RANDOM_WEIGHTS_NOTE = (
     "random weights (--config): the architecture's speed, not a trained model; weights do not change the time"
@@ -152,12 +153,15 @@ def summarize(target: BenchTarget) -> dict[str, Any]:
     }
 
 
-def run_interleaved(targets: list[BenchTarget], runs: int) -> list[dict[str, Any]]:
+def run_interleaved(targets: list[BenchTarget], runs: int, progress: Progress | None = None) -> list[dict[str, Any]]:
     """``runs`` rounds, each timing every target once in turn, so that all targets share the
-    machine's conditions (a busy shared machine drifts over minutes); one result per target."""
-    for _ in range(runs):
+    machine's conditions (a busy shared machine drifts over minutes); one result per target.
+    ``progress`` counts timed batches."""
+    for round_index in range(runs):
         for target in targets:
             target.measure()
+            if progress is not None:
+                progress.update(1, round=f"{round_index + 1}/{runs}")
     return [summarize(t) for t in targets]
 
 

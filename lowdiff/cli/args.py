@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Any, TextIO
 
 from lowdiff.requests import MAX_SEED
 
@@ -43,3 +45,33 @@ def seed(text: str) -> int:
     if value > MAX_SEED:
         raise argparse.ArgumentTypeError(f"must be < 2^32, got {value}")
     return value
+
+
+def add_quiet(parser: Any) -> None:
+    """``--quiet`` on a long command: no progress (results, warnings and errors still print)."""
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress output (a bar on a terminal, a line every 10 s in logs)"
+    )
+
+
+def progress_stream(args: argparse.Namespace) -> TextIO | None:
+    """Where a command's :class:`lowdiff.progress.Progress` writes: stderr, or nowhere with ``--quiet``."""
+    return None if getattr(args, "quiet", False) else sys.stderr
+
+
+THREADS_HELP = "torch CPU threads (default: the CPUs idle when the command starts, at least 1; see lowdiff/threads.py)"
+
+
+def add_threads(parser: Any) -> None:
+    parser.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
+
+
+def apply_threads(args: argparse.Namespace) -> int:
+    """Set torch's intra-op threads from ``--threads`` or :func:`lowdiff.threads.default_threads`."""
+    import torch
+
+    from lowdiff.threads import default_threads
+
+    threads = args.threads or default_threads()
+    torch.set_num_threads(threads)
+    return threads

@@ -22,9 +22,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lowdiff.cli.args import HelpFormatter, nonnegative_int, positive_int
+from lowdiff.cli.args import HelpFormatter, add_quiet, nonnegative_int, positive_int, progress_stream
 from lowdiff.engines import ENGINE_KINDS
 from lowdiff.errors import LowDiffError, SettingsError
+from lowdiff.progress import Progress
 
 DEFAULT_BATCHES = "1,2,4,8,16,32,64,128,256,512"  # lowdiff.bench.costs.DEFAULT_BATCHES (not imported: torch)
 
@@ -76,6 +77,7 @@ def register(sub: Any) -> None:
     p.add_argument("--batches", default=DEFAULT_BATCHES, help="--cost-table: batch sizes")
     p.add_argument("--repeats", type=positive_int, default=5, help="--cost-table: timed calls per point (median)")
     p.add_argument("--resolution", type=positive_int, default=None, help="--profile: stage (default: the largest)")
+    add_quiet(p)
     p.set_defaults(func=run)
 
 
@@ -126,12 +128,14 @@ def run(args: argparse.Namespace) -> None:
 
     # Order: every engine of the first model, then of the second; results keep that order, so
     # results[0] and results[len(engines)] are the two models on the first engine.
+    log = progress_stream(args)
     targets = []
     for model, weights in models:
         if weights == RANDOM_WEIGHTS_NOTE:
             print(f"{model.config.name}: {RANDOM_WEIGHTS_NOTE}", file=sys.stderr)
         for kind, precision in engines:
-            print(f"{model.config.name}: loading {kind} ({precision}) on {args.device}…", file=sys.stderr)
+            if log is not None:
+                print(f"{model.config.name}: loading {kind} ({precision}) on {args.device}…", file=log, flush=True)
             targets.append(
                 prepare(
                     model,
@@ -145,8 +149,9 @@ def run(args: argparse.Namespace) -> None:
                     weights,
                 )
             )
-    print(f"timing {len(targets)} target(s), batch {args.batch}, {args.runs} round(s)…", file=sys.stderr)
-    results = run_interleaved(targets, args.runs)
+    desc = f"timing {len(targets)} target(s) at batch {args.batch}"
+    with Progress(len(targets) * args.runs, desc, "batch", stream=log) as progress:
+        results = run_interleaved(targets, args.runs, progress)
     ratio = None
     if len(models) > 1:  # the paper's comparison: same engine (the first listed), same run
         ratio = results[0]["throughput_img_s"] / results[len(engines)]["throughput_img_s"]
@@ -173,14 +178,17 @@ def run_cost_table(args: argparse.Namespace, models: list[tuple[Any, str]], engi
     except ValueError as exc:
         raise SettingsError(str(exc), "batches") from None
 
-    def log(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
+    entries = len(models) * len(engines)
+    with Progress(entries, "cost table", "engine", stream=progress_stream(args)) as progress:
 
-    # Saved after every engine: a run stopped by a time limit keeps what it measured.
-    table = cost_table(
-        models, engines, args.device, batches, args.warmup_runs, args.repeats, args.engine_dir, args.threads,
-        on_entry=lambda t: write_cost_outputs(t, args.json), log=log,
-    )  # fmt: skip
+        def saved(table: dict[str, Any]) -> None:  # after every engine: a run stopped by a time limit keeps it
+            write_cost_outputs(table, args.json)
+            progress.update(1)
+
+        table = cost_table(
+            models, engines, args.device, batches, args.warmup_runs, args.repeats, args.engine_dir, args.threads,
+            on_entry=saved, log=progress.note,
+        )  # fmt: skip
     json_path, md_path, png_path = write_cost_outputs(table, args.json)
     print(md_path.read_text())
     print(json_path)
@@ -195,9 +203,11 @@ def run_profile(args: argparse.Namespace, models: list[tuple[Any, str]], engines
     report: dict[str, Any] = {"schema": SCHEMA, "profiles": []}
     md_path = args.json.with_suffix(".md")
     args.json.parent.mkdir(parents=True, exist_ok=True)
+    log = progress_stream(args)
     for model, _weights in models:
         for kind, precision in engines:
-            print(f"{model.config.name}: profiling {kind} ({precision}) on {args.device}…", file=sys.stderr, flush=True)
+            if log is not None:
+                print(f"{model.config.name}: profiling {kind} ({precision}) on {args.device}…", file=log, flush=True)
             entry = profile_engine(
                 model, kind, args.device, precision, args.resolution, args.batch, max(1, args.warmup_runs),
                 args.engine_dir, args.threads,

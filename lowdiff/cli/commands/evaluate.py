@@ -8,7 +8,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lowdiff.cli.args import HelpFormatter, nonnegative_int, positive_int, seed
+from lowdiff.cli.args import (
+    HelpFormatter,
+    add_quiet,
+    add_threads,
+    apply_threads,
+    nonnegative_int,
+    positive_int,
+    progress_stream,
+    seed,
+)
 from lowdiff.data import DEFAULT_HOLDOUT_PER_CLASS
 from lowdiff.errors import ConfigError, DataError, LowDiffError
 
@@ -30,13 +39,14 @@ def register(sub: Any) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per generation batch")
     p.add_argument("--seed", type=seed, default=0, help="first seed; image i uses seed + i")
     p.add_argument("--schedule", type=Path, default=None, help="a JSON cascade schedule to sample with instead")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    add_threads(p)
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
     p.add_argument(
         "--inception-fid",
         action="store_true",
         help="also the standard Inception FID against the reference (needs torch-fidelity and its weights)",
     )
+    add_quiet(p)
     p.set_defaults(func=run)
 
 
@@ -56,6 +66,8 @@ def register_train_classifier(sub: Any) -> None:
     p.add_argument("--pad", type=nonnegative_int, default=2, help="black border added to each side (28 → 32)")
     p.add_argument("--epochs", type=positive_int, default=3, help="passes over the training split")
     p.add_argument("--out", type=Path, required=True, help="the classifier file to write")
+    add_threads(p)
+    add_quiet(p)
     p.set_defaults(func=run_train_classifier)
 
 
@@ -69,14 +81,11 @@ def _reference_split(path: Path, holdout: int, pad: int, resolution: int | None 
 
 
 def run(args: argparse.Namespace) -> None:
-    import torch
-
     from lowdiff.evaluation import Classifier, check_inception_available, evaluate
     from lowdiff.model import load_model
     from lowdiff.schedule import CascadeSchedule
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     if args.inception_fid:
         check_inception_available()
     model = load_model(args.checkpoint)
@@ -109,7 +118,7 @@ def run(args: argparse.Namespace) -> None:
         training=train,
         batch_size=args.batch_size,
         seed0=args.seed,
-        log=sys.stderr,  # the stream of now (a default would bind the one at import time)
+        log=progress_stream(args),
         with_inception=args.inception_fid,
     )
     result = {"model": model.config.name, "nfe": list(model.schedule.nfe), **report.as_dict()}
@@ -123,15 +132,18 @@ def run(args: argparse.Namespace) -> None:
 
 
 def run_train_classifier(args: argparse.Namespace) -> None:
-    from lowdiff.evaluation import classify, train_classifier
+    from lowdiff.evaluation import classify_with_progress, train_classifier
 
+    apply_threads(args)
     try:
         train, held, train_labels, held_labels = _reference_split(args.data, args.holdout_per_class, args.pad)
     except DataError as exc:
         raise exc.for_field("data") if exc.field == "reference" else exc from None
     num_classes = int(train_labels.max()) + 1
-    model = train_classifier(train, train_labels, num_classes, epochs=args.epochs, log=sys.stderr)
-    accuracy = float((classify(model, held)[0] == held_labels).float().mean())
+    log = progress_stream(args)
+    model = train_classifier(train, train_labels, num_classes, epochs=args.epochs, log=log)
+    predicted = classify_with_progress(model, held, "scoring held-out images", log)[0]
+    accuracy = float((predicted == held_labels).float().mean())
     model.save(
         args.out,
         {

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lowdiff.cli.args import HelpFormatter, positive_int
+from lowdiff.cli.args import HelpFormatter, add_quiet, positive_int, progress_stream
 from lowdiff.errors import EngineUnavailable, LowDiffError, SettingsError
 
 
@@ -34,6 +34,7 @@ def register(sub: Any) -> None:
         help="torch's ONNX exporter (dynamo needs the onnx-dynamo extra, onnxscript, and is much slower)",
     )
     p.add_argument("--precision", choices=("fp16", "fp32"), default=None, help="TensorRT only (default fp16)")
+    add_quiet(p)
     p.set_defaults(func=run)
 
 
@@ -41,6 +42,7 @@ def run(args: argparse.Namespace) -> None:
     from lowdiff.export.manifest import MANIFEST_NAME
     from lowdiff.export.onnx_stages import DEFAULT_OPSET, export_onnx
     from lowdiff.model import load_model
+    from lowdiff.progress import Progress
 
     if args.format == "onnx" and args.precision not in (None, "fp32"):
         raise SettingsError("ONNX graphs are exported in fp32 (fp16 is for --format tensorrt)", "precision")
@@ -57,13 +59,17 @@ def run(args: argparse.Namespace) -> None:
     if args.out.exists() and not args.out.is_dir():
         raise SettingsError(f"{args.out} exists and is not a folder", "out")
     created = not args.out.exists()
+    stages = len(model.config.schedule.stages)
+    units = stages if args.format == "onnx" else 2 * stages
     try:
-        if args.format == "onnx":
-            manifest = export_onnx(model, args.out, opset=args.opset or DEFAULT_OPSET, exporter=args.exporter)
-        else:
-            from lowdiff.export.tensorrt_build import export_tensorrt
+        with Progress(units, f"exporting {args.format}", "step", stream=progress_stream(args)) as progress:
+            if args.format == "onnx":
+                opset = args.opset or DEFAULT_OPSET
+                manifest = export_onnx(model, args.out, opset=opset, exporter=args.exporter, progress=progress)
+            else:
+                from lowdiff.export.tensorrt_build import export_tensorrt
 
-            manifest = export_tensorrt(model, args.out, precision=args.precision or "fp16")
+                manifest = export_tensorrt(model, args.out, precision=args.precision or "fp16", progress=progress)
     except LowDiffError as exc:
         if created:
             shutil.rmtree(args.out, ignore_errors=True)  # leave no half-written folder behind

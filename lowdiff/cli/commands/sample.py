@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from lowdiff.cli.args import HelpFormatter, nonnegative_int, positive_int, seed
+from lowdiff.cli.args import HelpFormatter, add_threads, apply_threads, nonnegative_int, positive_int, seed
 
 
 def register(sub: Any) -> None:
@@ -19,20 +19,17 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=seed, default=0, help="first seed; image k uses seed + k")
     p.add_argument("--num-images", type=positive_int, default=1, help="how many images")
     p.add_argument("--checkpoint", type=Path, default=None, help="a LowDiff checkpoint (default: the embedded model)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    add_threads(p)
     p.add_argument("--out-dir", type=Path, required=True, help="folder for class{C}_seed{S}.png files")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    import torch
-
     from lowdiff.imaging import save_png
     from lowdiff.model import load_model
     from lowdiff.requests import generation_request
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     model = load_model(args.checkpoint)
     request = generation_request(model.config, args.class_label, args.seed, args.num_images, max_images=2**32)
     args.out_dir.mkdir(parents=True, exist_ok=True)
