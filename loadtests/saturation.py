@@ -34,7 +34,6 @@ import resource
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any
 
 import httpx
 
+from lowdiff.bench.report import results_dir
 from lowdiff.bench.server import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,10 +206,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser, name: str, users: str, ramp_
 
 
 def make_out_dir(args: argparse.Namespace, name: str) -> Path:
-    if args.out_dir is None:
-        args.out_dir = Path(tempfile.mkdtemp(prefix=f"lowdiff-{name}-"))
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"results: {args.out_dir}", flush=True)
+    args.out_dir = results_dir(args.out_dir, name)
     return args.out_dir
 
 

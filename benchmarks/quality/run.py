@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from lowdiff.bench.machine import cpu_description  # noqa: E402
 from lowdiff.bench.measure import prepare, run_interleaved  # noqa: E402
 from lowdiff.bench.plots import headless_pyplot  # noqa: E402
+from lowdiff.bench.report import results_dir  # noqa: E402
 from lowdiff.configs import get_config  # noqa: E402
 from lowdiff.counting import build_denoiser, stage_gflops  # noqa: E402
 from lowdiff.data import load_split  # noqa: E402
@@ -274,7 +275,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=64, help="images per timed batch")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs/quality-cache")
-    parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result folder (default: a new temp folder; benchmarks/quality updates the committed "
+                             "one)")  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
     if args.threads:
@@ -361,6 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     with Progress(len(points) * args.rounds, desc, "batch", stream=log) as progress:
         timings = run_interleaved(targets, args.rounds, progress)
 
+    args.out = results_dir(args.out, "quality")
     (args.out / "grids").mkdir(parents=True, exist_ok=True)
     results = []
     for p, timing in zip(points, timings):

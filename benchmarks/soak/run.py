@@ -36,6 +36,7 @@ from typing import Any
 
 import httpx
 
+from lowdiff.bench.report import results_dir
 from lowdiff.bench.server import free_port, stop, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -339,10 +340,12 @@ def main() -> int:
     parser.add_argument("--probe", action="store_true", help="serve_probe.py: tracemalloc + malloc_trim probes")
     parser.add_argument("--checkpoint", type=Path, help="another model (smoke tests); default: the embedded one")
     parser.add_argument("--pause-pid", type=int, action="append", default=[], help="SIGSTOP during the soak")
-    parser.add_argument("--out-dir", type=Path, default=HERE)
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="result folder (default: a new temp folder, or this folder with --summarize; "
+                             "benchmarks/soak updates the committed one)")  # fmt: skip
     parser.add_argument("--summarize", action="store_true", help="table + rss.png of every JSON in --out-dir")
     args = parser.parse_args()
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+    args.out_dir = results_dir(HERE if args.summarize and args.out_dir is None else args.out_dir, "soak")
     if args.summarize:
         results = [json.loads(p.read_text()) for p in sorted(args.out_dir.glob("*.json"))]
         results.sort(key=lambda r: r.get("order", 0))

@@ -1,8 +1,23 @@
-"""Report: the Markdown table of a ``lowdiff bench`` JSON report."""
+"""Report: the Markdown table of a ``lowdiff bench`` JSON report, and where a script's results go."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
+
+
+def results_dir(out: Path | None, name: str) -> Path:
+    """``out``, created; without one, a new ``lowdiff-{name}-*`` folder in the system temp dir.
+
+    A benchmark run by a user must not write into the repository's committed results by default;
+    the committed folders change only when a command names them (``--out benchmarks/…``). The folder
+    is printed, so that a run's results can be found.
+    """
+    path = Path(tempfile.mkdtemp(prefix=f"lowdiff-{name}-")) if out is None else out
+    path.mkdir(parents=True, exist_ok=True)
+    print(f"results: {path}", flush=True)
+    return path
 
 
 def markdown_table(report: dict[str, Any]) -> str:

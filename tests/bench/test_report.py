@@ -36,3 +36,18 @@ def test_bench_cli_writes_json_markdown_and_plot(lowdiff_cli, tmp_path: Path) ->
     assert "| fashion32 |" in out.with_suffix(".md").read_text()
     if importlib.util.find_spec("matplotlib") is not None:
         assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_results_dir_defaults_outside_the_repository(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lowdiff.bench.report import results_dir
+
+    repo = Path(__file__).resolve().parents[2]
+    made = results_dir(None, "unit")
+    try:
+        assert made.is_dir() and made.name.startswith("lowdiff-unit-")
+        assert repo not in made.resolve().parents
+        assert f"results: {made}" in capsys.readouterr().out
+    finally:
+        made.rmdir()
+    named = results_dir(tmp_path / "a" / "b", "unit")
+    assert named == tmp_path / "a" / "b" and named.is_dir()

@@ -5,9 +5,9 @@ machine already runs) and each thread policy — 1 thread, every usable CPU (tor
 machine), and ``lowdiff.threads.default_threads()`` (the CPUs idle now) — a fresh process loads the
 embedded fashion32 model, generates one warm-up batch, then times ``--repeats`` batches of
 ``--images`` images (the same seeds each time). Rounds are interleaved so that every cell sees the
-same drift of a shared machine. Prints a table and writes results.json beside this script (or --out).
+same drift of a shared machine. Prints a table and writes results.json/.md into --out (default: a new temp folder).
 
-    OMP_NUM_THREADS= python benchmarks/cpu/threads/run.py --rounds 2
+    python benchmarks/cpu/threads/run.py --rounds 2 --out benchmarks/cpu/threads
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from lowdiff.bench.report import results_dir
 
 HERE = Path(__file__).resolve().parent
 WORKER = r"""
@@ -62,7 +64,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-spinners", type=int, default=(os.cpu_count() or 2) - 1)
-    parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--out", type=Path, default=None, help="default: a new temp folder")
     args = parser.parse_args()
     policies = ("one", "all", "idle")
     cells: dict[tuple[int, str], dict] = {}
@@ -106,7 +108,7 @@ def main() -> None:
                      "idle": "lowdiff.threads.default_threads(): CPUs idle now"},
         "rows": rows,
     }  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.out = results_dir(args.out, "threads")
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "results.md").write_text(table)
     print(table)
