@@ -1,0 +1,203 @@
+"""Scheduler sweep: every scheduler of lowdiff.bench.simulate on the same open-loop Poisson traces.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scheduler/run.py --out-dir benchmarks/scheduler
+
+Workloads: (cost source) × (request sizes). Cost sources:
+
+* ``cifar10-cond-h100`` — a linear model t_r(b) = floor_r + k_r·b per evaluation, through the H100
+  numbers in benchmarks/gpu/ (cudagraph bf16, batch 64): stage 8 costs 0.041 s for 18 evaluations,
+  stage 16 0.131 s for 13 (h100-run3/bench-cifar10-b64.md), one 32×32 evaluation 22.7 ms (NCHW,
+  benchmarks/gpu/README.md). The floors (1.0 / 1.2 / 1.5 ms: launch and small-kernel latency) are
+  **assumed**, not measured: no per-batch-size GPU table exists yet (``lowdiff bench --cost-table`` on
+  a GPU writes one; pass it with ``--gpu-table``).
+* ``fashion32-cpu`` — the measured CPU table (``cost-fashion32-cpu.json``: ``lowdiff bench --cost-table
+  --checkpoint lowdiff/weights/fashion32.pt --threads 1``), taken on a 2-core machine with a training run
+  beside it, so its points are noisy.
+
+Offered load is a fraction of the whole-cascade batcher's saturated throughput at its max batch (64).
+Prints one table, writes results.json and scheduler.png (p50, p99 and throughput against load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from lowdiff.bench.costs import read_cost_table  # noqa: E402
+from lowdiff.bench.plots import headless_pyplot  # noqa: E402
+from lowdiff.bench.simulate import (  # noqa: E402
+    Cascade,
+    CascadeScheduler,
+    ContinuousScheduler,
+    LinearCost,
+    StagedScheduler,
+    poisson_trace,
+    saturated_throughput,
+    simulate,
+    table_cost,
+)
+
+HERE = Path(__file__).resolve().parent
+RESOLUTIONS = (8, 16, 32)
+NFE = (18, 13, 17)  # cifar10-cond and fashion32 share the 3-stage schedule
+H100_FLOOR = {8: 1.0e-3, 16: 1.2e-3, 32: 1.5e-3}  # assumed (see the module docstring)
+H100_AT_64 = {8: 0.041 / 18, 16: 0.131 / 13, 32: 22.7e-3}  # measured, seconds per evaluation at batch 64
+MAX_BATCH = 64
+LOADS = (0.25, 0.5, 0.8, 0.95, 1.2)
+
+
+def limits_by_pixels(max_batch: int, cap: int = 512) -> dict[int, int]:
+    """Per-resolution batch limits holding as many pixels as the cascade's ``max_batch`` at the output
+    resolution (×4 per halving), capped: a stage call then costs roughly what a 32×32 call costs."""
+    top = RESOLUTIONS[-1]
+    return {r: min(cap, max_batch * (top // r) ** 2) for r in RESOLUTIONS}
+
+
+def schedulers(cascade: Cascade, max_delay: float) -> list[Any]:
+    limits = limits_by_pixels(MAX_BATCH)
+    same = {r: MAX_BATCH for r in RESOLUTIONS}
+    return [
+        CascadeScheduler(cascade, MAX_BATCH, max_delay),
+        StagedScheduler(cascade, limits, max_delay, "later"),
+        StagedScheduler(cascade, same, max_delay, "later"),
+        StagedScheduler(cascade, limits, max_delay, "backlog"),
+        StagedScheduler(cascade, limits, max_delay, "merge"),
+        ContinuousScheduler(cascade, limits, max_delay, "later"),
+        ContinuousScheduler(cascade, limits, max_delay, "oldest"),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out-dir", type=Path, default=HERE)
+    parser.add_argument("--requests", type=int, default=20000, help="requests per (workload, load) trace")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--max-delay-ms", type=float, default=10.0, help="the service's default --max-delay-ms")
+    parser.add_argument("--cpu-table", type=Path, default=HERE / "cost-fashion32-cpu.json")
+    parser.add_argument("--gpu-table", type=Path, default=None, help="a measured GPU cost table (replaces the model)")
+    args = parser.parse_args()
+    max_delay = args.max_delay_ms / 1000
+
+    costs: dict[str, Any] = {}
+    if args.gpu_table is not None:
+        costs["cifar10-cond-gpu-table"] = table_cost(read_cost_table(args.gpu_table), "cifar10-cond", "cudagraph:bf16")
+    else:
+        costs["cifar10-cond-h100-model"] = LinearCost.through(H100_FLOOR, 64, H100_AT_64)
+    costs["fashion32-cpu"] = table_cost(read_cost_table(args.cpu_table), "fashion32", "torch:fp32")
+    mixes = {"1 image": [1], "1-16 images": list(range(1, 17))}
+
+    rows: list[dict[str, Any]] = []
+    saturated: list[dict[str, Any]] = []
+    started = time.monotonic()
+    for cost_name, cost in costs.items():
+        cascade = Cascade(RESOLUTIONS, NFE, cost)
+        capacity = cascade.capacity(MAX_BATCH)
+        for sched in schedulers(cascade, max_delay):
+            saturated.append(
+                {"cost": cost_name, "scheduler": sched.name, "images_per_s": saturated_throughput(sched, 4096)}
+            )
+        for mix_name, sizes in mixes.items():
+            mean_size = sum(sizes) / len(sizes)
+            count = args.requests if sizes == [1] else max(1000, args.requests // 4)
+            for load in LOADS:
+                trace = poisson_trace(load * capacity / mean_size, count, sizes, args.seed)
+                for sched in schedulers(cascade, max_delay):
+                    stats = simulate(sched, trace)
+                    rows.append(
+                        {
+                            "cost": cost_name,
+                            "load": load,
+                            "capacity_images_per_s": capacity,
+                            **stats.__dict__,
+                            "measured_requests": stats.requests,
+                            "requests": mix_name,
+                        }
+                    )
+    elapsed = time.monotonic() - started
+
+    for row in rows:
+        base = next(
+            r
+            for r in rows
+            if r["cost"] == row["cost"] and r["requests"] == row["requests"] and r["load"] == row["load"]
+            and r["scheduler"].startswith("cascade")
+        )  # fmt: skip
+        row["p50_vs_cascade"] = row["p50_s"] / base["p50_s"]
+        row["p99_vs_cascade"] = row["p99_s"] / base["p99_s"]
+        row["throughput_vs_cascade"] = row["throughput"] / base["throughput"]
+    for row in saturated:
+        base = next(r for r in saturated if r["cost"] == row["cost"] and r["scheduler"].startswith("cascade"))
+        row["vs_cascade"] = row["images_per_s"] / base["images_per_s"]
+
+    print(table(rows, saturated))
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    out = {
+        "schema": "lowdiff-scheduler-sweep/1",
+        "command": " ".join(["python", "benchmarks/scheduler/run.py", *sys.argv[1:]]),
+        "simulated_seconds_of_cpu": round(elapsed, 1),
+        "max_batch": MAX_BATCH,
+        "limits": limits_by_pixels(MAX_BATCH),
+        "max_delay_s": max_delay,
+        "h100_model": {"floor_s": H100_FLOOR, "seconds_at_batch_64": H100_AT_64, "floors_assumed": True},
+        "loads": list(LOADS),
+        "rows": rows,
+        "saturated": saturated,
+    }
+    (args.out_dir / "results.json").write_text(json.dumps(out, indent=1) + "\n")
+    plotted = plot(rows, args.out_dir / "scheduler.png")
+    print(args.out_dir / "results.json")
+    print(args.out_dir / "scheduler.png" if plotted else "plot skipped: matplotlib is not installed")
+
+
+def table(rows: list[dict[str, Any]], saturated: list[dict[str, Any]]) -> str:
+    lines = [
+        "| cost | requests | load | scheduler | p50 (s) | p99 (s) | images/s | p50 × | p99 × | thr × | images/call |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        per_call = " / ".join(f"{v:.1f}" for v in r["images_per_call"].values())
+        lines.append(
+            f"| {r['cost']} | {r['requests']} | {r['load']:.0%} | {r['scheduler']} | {r['p50_s']:.3f} | "
+            f"{r['p99_s']:.3f} | {r['throughput']:.1f} | {r['p50_vs_cascade']:.2f} | {r['p99_vs_cascade']:.2f} | "
+            f"{r['throughput_vs_cascade']:.3f} | {per_call} |"
+        )
+    lines += ["", "| cost | scheduler | saturated images/s (4096 waiting) | × cascade |", "|---|---|---|---|"]
+    for s in saturated:
+        lines.append(f"| {s['cost']} | {s['scheduler']} | {s['images_per_s']:.1f} | {s['vs_cascade']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> bool:
+    plt = headless_pyplot()
+    if plt is None:
+        return False
+    panels = sorted({(r["cost"], r["requests"]) for r in rows})
+    fig, axes = plt.subplots(len(panels), 3, figsize=(15, 3.6 * len(panels)), squeeze=False)
+    for row_axes, (cost, mix) in zip(axes, panels):
+        mine = [r for r in rows if r["cost"] == cost and r["requests"] == mix]
+        for name in dict.fromkeys(r["scheduler"] for r in mine):
+            pts = sorted((r["load"], r) for r in mine if r["scheduler"] == name)
+            loads = [100 * load for load, _ in pts]
+            for ax, key in zip(row_axes, ("p50_s", "p99_s", "throughput")):
+                ax.plot(loads, [r[key] for _, r in pts], marker="o", label=name)
+        for ax, title in zip(row_axes, ("p50 latency (s)", "p99 latency (s)", "throughput (images/s)")):
+            ax.set_title(f"{cost}, {mix}: {title}", fontsize=9)
+            ax.set_xlabel("offered load (% of cascade capacity)")
+            if title != "throughput (images/s)":
+                ax.set_yscale("log")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+if __name__ == "__main__":
+    main()
