@@ -7,17 +7,19 @@ the ``torch`` engine runs on any device and precision and every other engine is 
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from lowdiff.configs import BUILTIN_CONFIGS, ModelConfig, get_config
+from lowdiff.edm_import import import_snapshot
 from lowdiff.errors import CheckpointError, ConfigError
 from lowdiff.hashing import file_sha256
 from lowdiff.network import NetworkConfig, UnifiedUNet
@@ -27,6 +29,8 @@ from lowdiff.sampler import FunctionStage, StageRunner, generate_images
 from lowdiff.schedule import CascadeSchedule
 
 CHECKPOINT_FORMAT = "lowdiff-checkpoint-v1"
+SAFETENSORS_SUFFIX = ".safetensors"
+EDM_SNAPSHOT_SUFFIX = ".pkl"
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 DEFAULT_CHECKPOINT_NAME = "fashion32.pt"
@@ -173,7 +177,11 @@ class LowDiffModel:
         }
         if extra:
             payload.update(extra)
-        atomic_torch_save(payload, Path(path))
+        path = Path(path)
+        if path.suffix == SAFETENSORS_SUFFIX:
+            atomic_write(path, safetensors_bytes(payload))
+        else:
+            atomic_torch_save(payload, path)
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> LowDiffModel:
@@ -227,9 +235,23 @@ def load_model(checkpoint: str | Path | None = None, config: str | None = None) 
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint's payload (``weights_only`` unpickling: tensors and plain data, never code)."""
+    """A checkpoint's payload (``weights_only`` unpickling: tensors and plain data, never code).
+
+    By extension: ``.safetensors`` (weights, with the config and metadata as JSON in its header) and
+    ``.pkl`` (an EDM network snapshot, read as data by :mod:`lowdiff.edm_import` and mapped onto a
+    single-stage LowDiff model) give the same payload as a ``.pt`` checkpoint."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}", "checkpoint")
+    if path.suffix == EDM_SNAPSHOT_SUFFIX:
+        imported = import_snapshot(path)
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": config_to_dict(imported.config),
+            "state_dict": imported.state_dict,
+            "metadata": imported.metadata,
+        }
+    if path.suffix == SAFETENSORS_SUFFIX:
+        return read_safetensors(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
@@ -243,15 +265,67 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 def atomic_torch_save(payload: dict[str, Any], path: Path) -> None:
     """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def atomic_write(path: Path, write: bytes | Callable[[BinaryIO], Any]) -> None:
+    """:func:`atomic_torch_save` for any writer (or bytes): temporary file, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are meant to be shared
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            if isinstance(write, bytes):
+                f.write(write)
+            else:
+                write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# --- safetensors: the weights as tensors, everything else as JSON strings in the header ---
+
+
+def safetensors_bytes(payload: dict[str, Any]) -> bytes:
+    """A checkpoint payload as a ``.safetensors`` file: ``state_dict`` as the tensors, the format tag,
+    config and metadata as JSON header strings (safetensors keeps only str → str metadata), so tools of
+    the diffusers world read the weights and LowDiff reads the model back from the file alone."""
+    from safetensors.torch import save
+
+    extra = {k: v for k, v in payload.items() if k not in ("format", "config", "state_dict", "metadata")}
+    if extra:
+        raise CheckpointError(f"a .safetensors checkpoint holds weights only, not {sorted(extra)}", "out")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in payload["state_dict"].items()}
+    header = {
+        "format": CHECKPOINT_FORMAT,
+        "config": json.dumps(payload["config"]),
+        "metadata": json.dumps(payload.get("metadata", {}), default=str),
+    }
+    return save(tensors, metadata=header)
+
+
+def read_safetensors(path: Path) -> dict[str, Any]:
+    """The payload :func:`read_checkpoint` gives, from a ``.safetensors`` file written by :func:`safetensors_bytes`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        data = path.read_bytes()
+        tensors = load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+        config = json.loads(header["config"]) if header.get("format") == CHECKPOINT_FORMAT else None
+        metadata = json.loads(header.get("metadata", "{}"))
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(
+            f"{path}: not a readable .safetensors file ({type(exc).__name__})", "checkpoint"
+        ) from None
+    if config is None:
+        raise CheckpointError(
+            f"{path}: not a LowDiff checkpoint (no {CHECKPOINT_FORMAT} config in its header)", "checkpoint"
+        )
+    return {"format": CHECKPOINT_FORMAT, "config": config, "state_dict": tensors, "metadata": metadata}

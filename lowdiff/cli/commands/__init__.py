@@ -3,7 +3,7 @@ registers them in this order. A new command: a module here and one line below.""
 
 from __future__ import annotations
 
-from lowdiff.cli.commands import bench, evaluate, export, models, sample, serve, train
+from lowdiff.cli.commands import bench, evaluate, export, import_edm, models, sample, serve, train
 
 COMMANDS = (
     models.register,
@@ -13,6 +13,7 @@ COMMANDS = (
     evaluate.register,
     evaluate.register_train_classifier,
     export.register,
+    import_edm.register,
     bench.register,
     serve.register,
 )
