@@ -13,6 +13,7 @@ branch in :func:`load_engine`, its name in :data:`ENGINE_KINDS`.
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,9 +22,16 @@ from typing import Any
 import torch
 
 from lowdiff.errors import ConfigError, EngineUnavailable, SettingsError
-from lowdiff.model import LowDiffModel
+from lowdiff.model import LowDiffModel, TorchStage
 from lowdiff.requests import check_class_labels, labels_tensor
-from lowdiff.sampler import StageCallback, StageRunner, generate_images
+from lowdiff.sampler import (
+    FunctionStage,
+    StageCallback,
+    StageRunner,
+    generate_images,
+    initial_noise,
+    upsample_condition,
+)
 
 # torch: PyTorch eager (CPU/CUDA). cudagraph: PyTorch with each stage captured as CUDA graphs (GPU).
 # onnxruntime: the exported per-stage ONNX graphs (CPU EP; CUDA/TensorRT EPs on a GPU).
@@ -98,6 +106,77 @@ class CascadeEngine:
         config = self.model.config
         labels = labels_tensor(check_class_labels(config, class_labels, len(seeds)))
         return generate_images(config.schedule, self.runners, seeds, labels, config.network.img_channels, on_stage)
+
+    # --- one stage at a time (the service's stage-level scheduler)
+    def stage_noise(self, seeds: Sequence[int]) -> list[torch.Tensor]:
+        """Every stage's starting noise for these seeds (:func:`lowdiff.sampler.initial_noise`), drawn
+        when an image enters the cascade and carried with it, so that it is the noise ``generate`` uses."""
+        config = self.model.config
+        return initial_noise(seeds, config.schedule, config.network.img_channels)
+
+    def run_stage(
+        self,
+        index: int,
+        noise: torch.Tensor,
+        class_labels: Sequence[int] | None,
+        condition: torch.Tensor | None,
+        sigma_cond: float | None,
+        on_stage: StageCallback | None = None,
+    ) -> tuple[torch.Tensor, float | None]:
+        """Stage ``index`` of the cascade for a batch: what one turn of :func:`lowdiff.sampler.run_cascade`'s
+        loop does, for images that may come from different requests and entered the cascade at different
+        times. ``condition`` is the previous stage's output as it returned it (this method upsamples it);
+        returns this stage's float64 output and the σ it hands the next stage (None after the last).
+
+        Why here and not in the sampler: the batch's images share nothing but the stage, so the loop
+        over stages moves to the caller, while the per-stage work (labels checked, condition upsampled,
+        the runtime's stage runner) stays the one the whole-cascade path runs; a test checks that both
+        give the same pixels."""
+        config = self.model.config
+        stage = config.schedule.stages[index]
+        labels = labels_tensor(check_class_labels(config, class_labels, noise.shape[0]))
+        start = time.perf_counter()
+        cond = None if condition is None else upsample_condition(condition, stage.resolution).float()
+        x = self.runners[stage.resolution].run_stage(stage, noise, labels, cond, sigma_cond)
+        if on_stage is not None:
+            on_stage(stage.resolution, time.perf_counter() - start)
+        return x, (float(stage.sigmas()[-1]) if stage.truncated else None)
+
+    def denoised_preview(
+        self,
+        index: int,
+        x: torch.Tensor,
+        class_labels: Sequence[int] | None,
+        condition: torch.Tensor | None,
+        sigma_cond: float | None,
+    ) -> torch.Tensor:
+        """D(x; σ) of stage ``index``'s hand-off ``x`` (at the σ it hands on), brought to the output
+        resolution (nearest), float64 in [−1, 1]: a preview of the image. One extra evaluation, run only
+        for images whose client asked for previews; a runtime that owns its stage loop (no stage
+        function) gets the model's reference PyTorch function (fp32) instead."""
+        config = self.model.config
+        stage = config.schedule.stages[index]
+        sigma = float(stage.sigmas()[-1])
+        labels = labels_tensor(check_class_labels(config, class_labels, x.shape[0]))
+        runner = self.runners[stage.resolution]
+        if isinstance(runner, FunctionStage):
+            fn, device = runner.fn, runner.device
+        else:  # TorchStage moves its inputs to the denoiser's device itself
+            where = next(self.model.denoiser.parameters()).device
+            fn, device = TorchStage(self.model.denoiser, stage.resolution, where), None
+        cond = None if condition is None else upsample_condition(condition, stage.resolution).float()
+        batch = x.shape[0]
+
+        def to(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None or device is None else t.to(device)
+
+        sig = torch.full((batch,), sigma, dtype=torch.float32)
+        csig = None if sigma_cond is None else torch.full((batch,), sigma_cond, dtype=torch.float32)
+        if device is not None:
+            out = fn(to(x.float()), to(sig), to(labels), to(cond), to(csig))
+        else:
+            out = fn(x.float(), sig, labels, cond, csig)
+        return upsample_condition(out.detach().cpu().to(torch.float64), config.network.img_resolution)
 
     def warmup(self, batch_size: int = 1) -> None:
         labels = [0] * batch_size if self.model.config.conditional else None

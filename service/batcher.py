@@ -74,6 +74,14 @@ class ImageJob:
     seed: int
     class_label: int | None
     started: bool = False
+    # Hand-off state, used by the stage-level scheduler (service/staged.py) only: the stage the image
+    # waits for, every stage's starting noise (drawn when it enters the cascade), the previous stage's
+    # output and the σ it was handed on at, and when it entered its current queue.
+    stage: int = 0
+    noise: list[torch.Tensor | None] | None = None
+    condition: torch.Tensor | None = None
+    sigma_cond: float | None = None
+    since: float = 0.0
 
 
 @dataclass(eq=False)
@@ -88,7 +96,12 @@ class Ticket:
     remaining: int = 0
     first_start: float | None = None  # when its first batch started (for queue_s)
     last_end: float | None = None  # when its last batch ended (for compute_s)
+    first_preview: float | None = None  # when its first preview was made (streaming, staged)
     cancelled: str | None = None  # reason its unstarted work was dropped
+    # Streaming (POST /generate/stream): events ("preview" | "image", job index, payload) are put here
+    # as they happen; previews are computed only when ``previews`` is set (the staged scheduler).
+    events: asyncio.Queue[tuple[str, int, dict]] | None = None
+    previews: bool = False
 
     @property
     def queue_s(self) -> float:
@@ -125,6 +138,7 @@ class Batcher:
         self._engine_free_since = 0.0  # time.monotonic() when the last batch ended
         self.batches_run = 0
         self.running = False  # a batch is in the engine thread
+        self.makes_previews = False  # whole-cascade batches have no hand-off to show
         metrics.bind_queue(lambda: self._queued)
 
     # ------------------------------------------------------------------ requests
@@ -132,12 +146,19 @@ class Batcher:
     def queue_depth(self) -> int:
         return self._queued
 
-    def submit(self, seeds: Sequence[int], class_labels: Sequence[int | None], deadline: float) -> Ticket:
-        """Queue one request's images, or raise :class:`QueueFull` (nothing already queued is dropped)."""
+    def submit(
+        self, seeds: Sequence[int], class_labels: Sequence[int | None], deadline: float, stream: bool = False
+    ) -> Ticket:
+        """Queue one request's images, or raise :class:`QueueFull` (nothing already queued is dropped).
+        With ``stream`` the ticket gets an event queue (each image as it is done; previews too where the
+        scheduler makes them)."""
         count = len(seeds)
         if self._queued + count > self.max_queue:
             raise QueueFull(self.retry_after(count))
         ticket = Ticket(future=asyncio.get_running_loop().create_future(), deadline=deadline)
+        if stream:
+            ticket.events = asyncio.Queue()
+            ticket.previews = self.makes_previews
         ticket.jobs = [ImageJob(ticket, k, int(s), c) for k, (s, c) in enumerate(zip(seeds, class_labels))]
         ticket.images = [None] * count
         ticket.remaining = count
@@ -271,6 +292,8 @@ class Batcher:
             if ticket.cancelled is not None or ticket.future.done():
                 continue
             ticket.images[job.index] = image
+            if ticket.events is not None:
+                ticket.events.put_nowait(("image", job.index, {"image": image}))
             ticket.remaining -= 1
             if ticket.remaining == 0:
                 ticket.future.set_result([im for im in ticket.images if im is not None])

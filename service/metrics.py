@@ -73,6 +73,46 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.stage_batches = Counter(
+            "lowdiff_stage_batches_total",
+            "Stage-level scheduler: engine calls of one stage, by the stage's resolution (the scheduler's choices).",
+            ["resolution"],
+            registry=r,
+        )
+        self.stage_batch_size = Histogram(
+            "lowdiff_stage_batch_size_images",
+            "Stage-level scheduler: images per engine call of one stage, by resolution.",
+            ["resolution"],
+            buckets=(*BATCH_SIZE_BUCKETS, 512),
+            registry=r,
+        )
+        self.stage_wait = Histogram(
+            "lowdiff_stage_wait_seconds",
+            "Stage-level scheduler: time an image waited for a stage (from arrival, or from the end of its "
+            "previous stage) before the call that ran it started, by resolution.",
+            ["resolution"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_waiting = Gauge(
+            "lowdiff_stage_waiting_images",
+            "Stage-level scheduler: live images waiting for each stage, by resolution.",
+            ["resolution"],
+            registry=r,
+        )
+        self.stage_images_abandoned = Counter(
+            "lowdiff_stage_images_abandoned_total",
+            "Stage-level scheduler: started images whose remaining stages were skipped because their request "
+            "went away (disconnect, deadline, failure), by the stage they were waiting for.",
+            ["resolution"],
+            registry=r,
+        )
+        self.first_preview = Histogram(
+            "lowdiff_time_to_first_preview_seconds",
+            "POST /generate/stream: time from a request's arrival to its first preview.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.batches = Counter("lowdiff_batches_total", "Engine batches run, by outcome.", ["outcome"], registry=r)
         self.images = Counter(
             "lowdiff_images_generated_total",

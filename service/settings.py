@@ -33,6 +33,7 @@ __all__ = [
     "add_serve_arguments",
     "env_name",
     "flag_name",
+    "parse_stage_limits",
     "resolve_settings",
     "settings_dict",
 ]
@@ -75,6 +76,16 @@ class ServeSettings(BaseSettings):
         10.0, ge=0, description="longest wait for a batch to fill, from its oldest image's arrival"
     )
     max_queue: int = Field(1024, ge=1, description="most queued (not yet started) images; past it new requests get 429")
+    scheduler: Literal["cascade", "staged"] = Field(
+        "cascade",
+        description="cascade: a batch runs the whole cascade; staged: a queue per stage, a call runs one stage "
+        "for images of many requests (see README, Schedulers)",
+    )
+    max_batch_per_stage: str | None = Field(
+        None,
+        description="staged: per-resolution batch limits, e.g. 8=512,16=256,32=64 (default: the last stage "
+        "--max-batch, earlier ones as many pixels, at most 512)",
+    )
     timeout_s: float = Field(
         120.0, gt=0, description="default per-request deadline (a request may set timeout_s itself)"
     )
@@ -125,10 +136,35 @@ class ServeSettings(BaseSettings):
             raise SettingsError(
                 f"--timeout-s: must be ≤ --max-timeout-s ({self.max_timeout_s:g}), got {self.timeout_s:g}", "timeout_s"
             )
+        if self.max_batch_per_stage is not None:
+            parse_stage_limits(self.max_batch_per_stage)
         if self.warmup_batch > self.max_batch:
             raise SettingsError(
                 f"--warmup-batch: must be ≤ --max-batch ({self.max_batch}), got {self.warmup_batch}", "warmup_batch"
             )
+
+
+def parse_stage_limits(text: str) -> dict[int, int]:
+    """``"8=512,16=256,32=64"`` → {8: 512, 16: 256, 32: 64}; a bad list is a :class:`SettingsError`
+    naming ``--max-batch-per-stage`` (which resolutions exist is checked once the model is loaded)."""
+    limits: dict[int, int] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        key, sep, value = part.partition("=")
+        try:
+            resolution, limit = int(key), int(value)
+        except ValueError:
+            resolution = limit = 0
+        if not sep or resolution < 1 or limit < 1:
+            raise SettingsError(
+                f"--max-batch-per-stage: expected RESOLUTION=LIMIT pairs like 8=512,16=256,32=64, got {part.strip()!r}",
+                "max_batch_per_stage",
+            )
+        limits[resolution] = limit
+    if not limits:
+        raise SettingsError("--max-batch-per-stage: empty list", "max_batch_per_stage")
+    return limits
 
 
 class _EnvironSource(EnvSettingsSource):

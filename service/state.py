@@ -12,12 +12,13 @@ from importlib import metadata
 from typing import Any
 
 from lowdiff.engines import EngineInfo
-from lowdiff.errors import LowDiffError
+from lowdiff.errors import LowDiffError, SettingsError
 from lowdiff.model import LowDiffModel, load_model
 from lowdiff.requests import MAX_IMAGES_PER_REQUEST
 from lowdiff.service.batcher import Batcher, Engine
 from lowdiff.service.metrics import ServiceMetrics
-from lowdiff.service.settings import ServeSettings
+from lowdiff.service.settings import ServeSettings, parse_stage_limits
+from lowdiff.service.staged import StagedBatcher, default_stage_limits
 
 log = logging.getLogger("lowdiff.service")
 
@@ -104,14 +105,7 @@ class Service:
                     **{k: self.info().get(k) for k in ("model", "engine", "device")},
                 },
             )
-            self.batcher = Batcher(
-                engine,
-                self.executor,
-                self.metrics,
-                max_batch=self.settings.max_batch,
-                max_delay_s=self.settings.max_delay_ms / 1000,
-                max_queue=self.settings.max_queue,
-            )
+            self.batcher = self._make_batcher(engine)
             self.batcher.start()
             if self.state == "warming up":
                 self.state = "ready"
@@ -125,6 +119,38 @@ class Service:
             self.failure = f"{type(exc).__name__}: {exc}"
             self.state = "failed"
             log.exception("engine failed to load or warm up")
+
+    def _make_batcher(self, engine: Engine) -> Batcher:
+        """The scheduler ``--scheduler`` names; staged limits are checked against the model's stages here
+        (a resolution the model lacks is a SettingsError: `lowdiff serve` exits 2 naming the flag)."""
+        s = self.settings
+        if s.scheduler == "cascade":
+            return Batcher(engine, self.executor, self.metrics, s.max_batch, s.max_delay_ms / 1000, s.max_queue)
+        assert self.engine_info is not None
+        resolutions = self.engine_info.resolutions
+        limits = default_stage_limits(resolutions, s.max_batch)
+        if s.max_batch_per_stage is not None:
+            given = parse_stage_limits(s.max_batch_per_stage)
+            unknown = sorted(set(given) - set(resolutions))
+            if unknown:
+                raise SettingsError(
+                    f"--max-batch-per-stage: no stage at resolution {unknown[0]} "
+                    f"(this model's stages: {', '.join(map(str, resolutions))})",
+                    "max_batch_per_stage",
+                )
+            limits.update(given)
+        if not all(hasattr(engine, name) for name in ("stage_noise", "run_stage", "denoised_preview")):
+            raise SettingsError("--scheduler: this engine cannot run one stage at a time; use cascade", "scheduler")
+        log.info("staged scheduler", extra={"limits": {str(r): limits[r] for r in resolutions}})
+        return StagedBatcher(
+            engine,  # type: ignore[arg-type]  # checked above
+            self.executor,
+            self.metrics,
+            resolutions,
+            limits,
+            s.max_delay_ms / 1000,
+            s.max_queue,
+        )
 
     def _load_engine(self) -> Engine:
         """Runs in the engine thread."""
@@ -148,5 +174,8 @@ class Service:
         info["config"] = config.name if config is not None else info["model"]
         info["version"] = package_version()
         info["max_batch"] = self.settings.max_batch
+        info["scheduler"] = self.settings.scheduler
+        if isinstance(self.batcher, StagedBatcher):
+            info["max_batch_per_stage"] = {str(r): n for r, n in zip(self.batcher.resolutions, self.batcher.limits)}
         info["max_images_per_request"] = min(MAX_IMAGES_PER_REQUEST, self.settings.max_queue)
         return info
