@@ -19,6 +19,7 @@ access_log = logging.getLogger("lowdiff.service.access")
 
 ENDPOINTS = (
     "/generate",
+    "/generate/stream",
     "/v1/models",
     "/info",
     "/healthz",

@@ -9,14 +9,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import json
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -171,6 +173,84 @@ async def await_images(
         service.metrics.in_flight.dec()
 
 
+def sse(event: str, data: dict[str, Any]) -> bytes:
+    """One Server-Sent Event (the JSON has no newline, so one ``data:`` line)."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+async def stream_events(
+    service: Service,
+    batcher: Batcher,
+    ticket: Ticket,
+    seeds: list[int],
+    label: int | None,
+    name: str | None,
+    model_name: str,
+    accepted: float,
+    timeout: float,
+) -> AsyncIterator[bytes]:
+    """The events of one ``/generate/stream`` request. The client going away cancels this generator
+    (Starlette does so on ``http.disconnect``): its ``finally`` cancels the ticket, so queued images are
+    dropped and started ones stop at their next stage boundary."""
+    assert ticket.events is not None
+    deadline = accepted + timeout
+    remaining = len(seeds)
+    try:
+        while remaining:
+            if ticket.events.empty():
+                getter = asyncio.ensure_future(ticket.events.get())
+                aborted = asyncio.ensure_future(service.aborted.wait())
+                watch: set[asyncio.Future[Any]] = {getter, aborted}
+                if not ticket.future.done():
+                    watch.add(ticket.future)
+                try:
+                    await asyncio.wait(
+                        watch, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    aborted.cancel()
+                    if not getter.done():
+                        getter.cancel()
+                if getter.done() and not getter.cancelled():
+                    ticket.events.put_nowait(getter.result())  # back in order: it is the queue's head
+                    continue
+                if service.aborted.is_set():
+                    batcher.cancel(ticket, "shutdown")
+                    yield sse("error", {"status": 503, "error": "server is shutting down", "field": None})
+                    return
+                if ticket.future.done() and not ticket.future.cancelled() and ticket.future.exception() is not None:
+                    yield sse(
+                        "error", {"status": 500, "error": f"engine failed: {ticket.future.exception()}", "field": None}
+                    )
+                    return
+                if time.monotonic() >= deadline:
+                    batcher.cancel(ticket, "deadline")
+                    yield sse(
+                        "error",
+                        {"status": 504, "error": f"timeout_s: not done within {timeout:g} s", "field": "timeout_s"},
+                    )
+                    return
+                continue
+            kind, index, payload = ticket.events.get_nowait()
+            image = payload["image"]
+            png = base64.b64encode(png_bytes(image)).decode("ascii")
+            if kind == "preview":
+                item = {"index": index, "seed": seeds[index], "class_label": label, "resolution": payload["resolution"],
+                        "sigma": payload["sigma"], "png_base64": png}  # fmt: skip
+                yield sse("preview", item)
+                continue
+            out = ImageOut(seed=seeds[index], class_label=label, class_name=name, png_base64=png)
+            yield sse("image", {"index": index, **out.model_dump()})
+            remaining -= 1
+        timings = Timings(queue_s=ticket.queue_s, compute_s=ticket.compute_s, total_s=time.monotonic() - accepted)
+        yield sse("done", {"model": model_name, "timings": timings.model_dump()})
+    finally:
+        if remaining:
+            batcher.cancel(ticket, "disconnect")
+        service.in_flight -= 1
+        service.metrics.in_flight.dec()
+
+
 def add_routes(app: FastAPI, service: Service) -> None:
     settings = service.settings
     keyed = api_key_dependencies(settings)
@@ -180,6 +260,25 @@ def add_routes(app: FastAPI, service: Service) -> None:
         headers={"Retry-After": RETRY_AFTER},
         plain_503=True,
     )
+
+    def parse_generate(body: GenerateRequest) -> tuple[int, list[int], list[int | None], int | None, str | None, float]:
+        """The checks and defaults shared by ``/generate`` and ``/generate/stream``: (seed, seeds, labels,
+        label, class name, timeout); refusals are 422s naming the field."""
+        count = body.num_images
+        if count > settings.max_queue:
+            raise APIError(422, f"num_images: this server queues at most {settings.max_queue} images", "num_images")
+        seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - count + 2)
+        assert service.engine_info is not None  # check_accepting
+        request_ = generation_request(service.engine_info, body.class_label, seed, count)
+        timeout = body.timeout_s if body.timeout_s is not None else settings.timeout_s
+        if timeout > settings.max_timeout_s:
+            raise APIError(422, f"timeout_s: must be ≤ {settings.max_timeout_s:g}", "timeout_s")
+        seeds = list(request_.seeds)
+        label = request_.class_labels[0] if request_.class_labels is not None else None
+        names = service.engine_info.class_names
+        name = names[label] if label is not None and label < len(names) else None
+        labels = list(request_.class_labels) if request_.class_labels is not None else [None] * count
+        return seed, seeds, labels, label, name, timeout
 
     @app.post(
         "/generate",
@@ -222,19 +321,7 @@ def add_routes(app: FastAPI, service: Service) -> None:
             raise APIError(406, f"Accept: this endpoint serves {' or '.join(SERVED_TYPES)}", "Accept")
         batcher = check_accepting(service)
         count = body.num_images
-        if count > settings.max_queue:
-            raise APIError(422, f"num_images: this server queues at most {settings.max_queue} images", "num_images")
-        seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED - count + 2)
-        assert service.engine_info is not None  # check_accepting
-        request_ = generation_request(service.engine_info, body.class_label, seed, count)
-        timeout = body.timeout_s if body.timeout_s is not None else settings.timeout_s
-        if timeout > settings.max_timeout_s:
-            raise APIError(422, f"timeout_s: must be ≤ {settings.max_timeout_s:g}", "timeout_s")
-        seeds = list(request_.seeds)
-        label = request_.class_labels[0] if request_.class_labels is not None else None
-        names = service.engine_info.class_names
-        name = names[label] if label is not None and label < len(names) else None
-        labels = list(request_.class_labels) if request_.class_labels is not None else [None] * count
+        seed, seeds, labels, label, name, timeout = parse_generate(body)
 
         outcome = await await_images(service, batcher, request, seeds, labels, accepted, timeout)
         if outcome is None:
@@ -264,6 +351,47 @@ def add_routes(app: FastAPI, service: Service) -> None:
         timings = Timings(queue_s=ticket.queue_s, compute_s=ticket.compute_s, total_s=time.monotonic() - accepted)
         payload = GenerateResponse(images=out, model=model_name, timings=timings)
         return JSONResponse(payload.model_dump(), headers=timing_header)
+
+    @app.post(
+        "/generate/stream",
+        dependencies=keyed,
+        responses={
+            200: {
+                "content": {"text/event-stream": {"schema": STRING}},
+                "description": "Server-Sent Events: `preview` {index, seed, class_label, resolution, sigma, "
+                "png_base64} at each stage hand-off (staged scheduler only), `image` (an item of /generate's "
+                "images[], with its index) as each image is done, then `done` {model, timings}; an `error` "
+                "event {status, error, field} ends a stream that fails after it began",
+            },
+            **auth,
+            422: error_doc("a field is missing, of the wrong type or out of range (named in `field`)"),
+            429: error_doc(
+                "more than --max-queue images queued; retry after Retry-After seconds",
+                headers={"Retry-After": {**RETRY_AFTER, "required": True}},
+            ),
+            503: not_ready,
+        },
+    )
+    async def generate_stream(body: GenerateRequest, request: Request) -> Response:
+        """The body of `/generate`, answered as Server-Sent Events: previews, then each image as it is done.
+
+        Disconnecting cancels the images' remaining work (with the staged scheduler, at the next stage)."""
+        accepted = time.monotonic()
+        batcher = check_accepting(service)
+        seed, seeds, labels, label, name, timeout = parse_generate(body)
+        try:
+            ticket = batcher.submit(seeds, labels, deadline=accepted + timeout, stream=True)
+        except QueueFull as exc:
+            raise APIError(429, "queue full, retry later", None, {"Retry-After": str(exc.retry_after_s)}) from None
+        assert service.engine_info is not None
+        model_name = service.engine_info.model
+        service.in_flight += 1
+        service.metrics.in_flight.inc()
+        return StreamingResponse(
+            stream_events(service, batcher, ticket, seeds, label, name, model_name, accepted, timeout),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-LowDiff-Seed": str(seed), "X-LowDiff-Model": model_name},
+        )
 
     def model_info() -> dict[str, Any]:
         info = service.info()
