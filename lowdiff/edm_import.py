@@ -500,3 +500,66 @@ def import_snapshot(path: str | Path, num_steps: int = EDM_NUM_STEPS) -> Importe
         "edm_dataset": edm.dataset,
     }
     return ImportedSnapshot(config, weights, metadata)
+
+
+# --- LowDiff from EDM: the shared U-Net copied into a multi-resolution network ------------------
+
+
+def is_resolution_specific(name: str) -> bool:
+    """LowDiff's own layers: per-resolution input convolutions and output heads, the resolution embedding."""
+    return name.startswith(("inputs.", "outputs.", "map_resolution."))
+
+
+@dataclass
+class EDMInit:
+    state_dict: dict[str, torch.Tensor]  # the target network's, shared U-Net from EDM, the rest as given
+    copied: list[str]
+    fresh: list[str]
+
+
+def init_from_edm(
+    path: str | Path, config: ModelConfig, initial: dict[str, torch.Tensor], field_name: str = "init_from_edm"
+) -> EDMInit:
+    """A LowDiff network (``config``, any resolutions) started from an EDM snapshot: every shared
+    U-Net tensor (mapping, encoder and decoder blocks) copied from EDM, the resolution-specific layers
+    (input convolutions that also take the condition, output heads, the resolution embedding) kept
+    from ``initial`` — a freshly initialised network of ``config``.
+
+    EDM's network is the single-resolution case of LowDiff's, so its blocks fit by name and shape;
+    what must match is the U-Net itself (channels, levels, blocks, attention, labels) and the
+    preconditioning, since F(x; σ) means something else under VP than under EDM's. A mismatch is an
+    error naming it rather than a partial copy that would train from a silently different start."""
+    path = Path(path)
+    try:
+        edm = edm_network(path)
+        _precond_constants(path, edm.precond)
+        source = _network_config(path, edm.kwargs)
+    except EDMImportError as exc:
+        raise exc.for_field(field_name) from None
+    target = config.network
+    problems = []
+    kind = SUPPORTED_PRECONDS[edm.precond.class_name]
+    if kind != config.preconditioning:
+        problems.append(f"preconditioning {edm.precond.class_name} vs the config's {config.preconditioning!r}")
+    shape = ("img_resolution", "img_channels", "label_dim", "model_channels", "channel_mult", "num_blocks")
+    for key in (*shape, "channel_mult_emb", "attn_resolutions", "augment_dim"):
+        if getattr(source, key) != getattr(target, key):
+            problems.append(f"{key} {getattr(source, key)} vs the config's {getattr(target, key)}")
+    if problems:
+        raise EDMImportError(f"{path} does not fit config {config.name!r}: {'; '.join(problems)}", field_name)
+    single = UnifiedUNet(source).state_dict()
+    try:
+        mapped = map_weights(path, edm.tensors, single)
+    except EDMImportError as exc:
+        raise exc.for_field(field_name) from None
+    out = {k: v.clone() for k, v in initial.items()}
+    copied, fresh = [], []
+    for name, tensor in initial.items():
+        if is_resolution_specific(name):
+            fresh.append(name)
+        elif name in mapped and mapped[name].shape == tensor.shape:
+            out[name] = mapped[name].to(tensor.dtype).clone()
+            copied.append(name)
+        else:
+            raise EDMImportError(f"{path}: no EDM tensor for {config.name}'s {name}", field_name)
+    return EDMInit(out, copied, fresh)

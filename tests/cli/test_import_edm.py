@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +106,56 @@ def test_export_ema_writes_safetensors(lowdiff_cli, tiny_checkpoint: Path, tmp_p
     result = lowdiff_cli("export-ema", "--checkpoint", str(tiny_checkpoint), "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert load_model(out).config == load_model(tiny_checkpoint).config
+
+
+def test_train_init_from_edm_starts_a_lowdiff_model_from_edm_weights(
+    lowdiff_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`lowdiff train --init-from-edm` on a (registered, tiny) 8-16 LowDiff config over the fixture's U-Net:
+    it trains from EDM's blocks, and its checkpoint's U-Net is EDM's moved by a few optimizer steps."""
+    from lowdiff import configs
+
+    edm = load_model(FIXTURES / "edm-cond16.pkl")
+    stages = (StageSchedule(8, 4, truncate_at=2), StageSchedule(16, 4))
+    config = replace(
+        edm.config,
+        name="tiny-from-edm",
+        network=replace(edm.config.network, resolutions=(8, 16)),
+        schedule=CascadeSchedule(stages),
+    )
+    monkeypatch.setitem(configs.BUILTIN_CONFIGS, config.name, config)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "tiny.npz"
+    np.savez(data, images=rng.integers(0, 256, (20, 16, 16, 3), dtype=np.uint8), labels=np.repeat(np.arange(10), 2))
+    run = tmp_path / "run"
+    args = ["train", "--config", config.name, "--data", str(data), "--run-dir", str(run), "--holdout-per-class", "0"]
+    args += ["--batch-size", "4", "--kimg", "0.008", "--grid-every", "0", "--threads", "1"]
+    result = lowdiff_cli(*args, "--init-from-edm", str(FIXTURES / "edm-cond16.pkl"), "--lr", "1e-9")
+    assert result.returncode == 0, result.stderr
+    assert "initialised from EDM" in result.stderr and "resolution-specific ones fresh" in result.stderr
+    out = tmp_path / "ema.safetensors"
+    assert lowdiff_cli("export-ema", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(out)).returncode == 0
+    trained = load_model(out).denoiser.net.state_dict()
+    for name, tensor in edm.denoiser.net.state_dict().items():
+        if not name.startswith(("inputs.", "outputs.")):
+            torch.testing.assert_close(trained[name], tensor, atol=1e-5, rtol=0, msg=name)
+
+
+def test_train_init_from_edm_refuses_a_snapshot_that_does_not_fit(lowdiff_cli, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    data = tmp_path / "tiny.npz"
+    np.savez(data, images=rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), labels=np.repeat(np.arange(10), 2))
+    args = [
+        "train",
+        "--config",
+        "fashion32",
+        "--data",
+        str(data),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--holdout-per-class",
+        "0",
+    ]
+    result = lowdiff_cli(*args, "--init-from-edm", str(FIXTURES / "vp-uncond16.pkl"), "--threads", "1")
+    assert result.returncode == 2
+    assert result.stderr.startswith("lowdiff train: error: --init-from-edm: ") and "does not fit" in result.stderr

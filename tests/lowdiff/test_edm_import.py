@@ -6,17 +6,21 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import sys
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from lowdiff.edm_import import EDMImportError, import_snapshot, lowdiff_name
+from lowdiff.configs import ModelConfig
+from lowdiff.edm_import import EDMImportError, import_snapshot, init_from_edm, lowdiff_name
 from lowdiff.errors import CheckpointError
 from lowdiff.model import FunctionStage, LowDiffModel, TorchStage, load_model
+from lowdiff.network import UnifiedUNet
 from lowdiff.sampler import initial_noise, to_uint8
 from lowdiff.schedule import CascadeSchedule, StageSchedule
 
@@ -232,3 +236,47 @@ def test_edm_names_map_onto_lowdiff_names() -> None:
     assert lowdiff_name("dec.32x32_aux_conv.bias") == "outputs.32.conv.bias"
     assert lowdiff_name("dec.8x8_in0.qkv.weight") == "decoder.8x8_in0.qkv.weight"
     assert lowdiff_name("map_noise.freqs") is None
+
+
+# --- LowDiff from EDM (--init-from-edm) ---------------------------------------------------------
+
+
+def lowdiff_config_over(name: str, resolutions: tuple[int, ...], **changes) -> ModelConfig:
+    """A multi-resolution LowDiff config whose shared U-Net is the EDM fixture's."""
+    imported = load_model(FIXTURES / INDEX[name]["pickle"]).config
+    stages = tuple(StageSchedule(r, 4, truncate_at=2 if r != resolutions[-1] else None) for r in resolutions)
+    network = replace(imported.network, resolutions=resolutions, **changes)
+    return replace(imported, name="tiny-from-edm", network=network, schedule=CascadeSchedule(stages))
+
+
+def test_init_from_edm_copies_the_unet_and_keeps_resolution_layers_fresh() -> None:
+    config = lowdiff_config_over("edm-cond16", (8, 16))
+    torch.manual_seed(0)
+    initial = UnifiedUNet(config.network).state_dict()
+    start = init_from_edm(FIXTURES / "edm-cond16.pkl", config, initial)
+    edm = import_snapshot(FIXTURES / "edm-cond16.pkl").state_dict
+    assert set(start.copied) | set(start.fresh) == set(initial)
+    assert {n.split(".")[0] for n in start.fresh} == {"inputs", "outputs", "map_resolution"}
+    assert any(n.startswith("encoder.") for n in start.copied) and "map_label.weight" in start.copied
+    for name in start.copied:
+        assert torch.equal(start.state_dict[name], edm[name]), name
+        assert not torch.equal(start.state_dict[name], initial[name]), name
+    for name in start.fresh:
+        assert torch.equal(start.state_dict[name], initial[name]), name
+    net = UnifiedUNet(config.network)
+    net.load_state_dict(start.state_dict)  # a complete, loadable LowDiff network
+
+
+@pytest.mark.parametrize(
+    ("name", "changes", "message"),
+    [
+        ("vp-uncond16", {}, "preconditioning VPPrecond vs the config's 'edm'"),
+        ("edm-cond16", {"model_channels": 16}, "model_channels 8 vs the config's 16"),
+        ("edm-cond16", {"attn_resolutions": (16,)}, "attn_resolutions"),
+    ],
+)
+def test_init_from_edm_refuses_a_network_that_does_not_fit(name: str, changes: dict, message: str) -> None:
+    config = lowdiff_config_over("edm-cond16", (8, 16), **changes)
+    with pytest.raises(EDMImportError, match=re.escape(message)) as info:
+        init_from_edm(FIXTURES / INDEX[name]["pickle"], config, UnifiedUNet(config.network).state_dict())
+    assert info.value.field == "init_from_edm"

@@ -54,6 +54,13 @@ def register(sub: Any) -> None:
         help="start from a checkpoint's (EMA) weights with a fresh optimizer, e.g. the embedded model",
     )
     p.add_argument(
+        "--init-from-edm",
+        type=Path,
+        default=None,
+        help="start from an EDM snapshot (network-snapshot-*.pkl): its U-Net copied, LowDiff's per-resolution "
+        "input/output layers and resolution embedding fresh (see README, 'Fine-tune LowDiff from EDM')",
+    )
+    p.add_argument(
         "--keep-count",
         action="store_true",
         help="with --init-from: continue the step and training-image counts from the checkpoint's metadata",
@@ -81,6 +88,8 @@ def run(args: argparse.Namespace) -> None:
         raise SettingsError("only with --init-from", "keep_count")
     images, labels = load_dataset(args.data)
     train_idx, _ = holdout_split(labels, args.holdout_per_class)
+    if args.init_from is not None and args.init_from_edm is not None:
+        raise SettingsError("give --init-from or --init-from-edm, not both", "init_from_edm")
     if len(train_idx) == 0:
         raise DataError(f"{args.data}: the hold-out of {args.holdout_per_class} per class leaves nothing to train on")
     net = config.network
@@ -120,6 +129,17 @@ def run(args: argparse.Namespace) -> None:
     elif args.init_from is not None:
         trainer.init_from(args.init_from, keep_count=args.keep_count)
         print(f"initialised from {args.init_from}", file=sys.stderr)
+    elif args.init_from_edm is not None:
+        from lowdiff.edm_import import init_from_edm
+
+        start = init_from_edm(args.init_from_edm, config, trainer.denoiser.net.state_dict())
+        trainer.denoiser.net.load_state_dict(start.state_dict)
+        trainer.ema.load_state_dict(start.state_dict)
+        print(
+            f"initialised from EDM {args.init_from_edm}: {len(start.copied)} tensors copied, "
+            f"{len(start.fresh)} resolution-specific ones fresh",
+            file=sys.stderr,
+        )
     print(f"training {config.name} on {len(x)} images from {args.data} into {args.run_dir}", file=sys.stderr)
     interrupted = trainer.fit(x, y, log=sys.stderr)
     print(
