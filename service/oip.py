@@ -119,6 +119,10 @@ MODEL_METADATA_SCHEMA: dict[str, Any] = {
 # The model name is read from the path, not declared as a parameter: FastAPI would then document a
 # 422 (HTTPValidationError) that no v2 route answers; the parameter is documented here instead.
 NAME_PARAMETER = {"parameters": [{"name": "name", "in": "path", "required": True, "schema": STRING}]}
+# The protocol's versioned paths (/v2/models/{name}/versions/{version}/…): the one version is VERSION.
+VERSION_PARAMETERS = {
+    "parameters": [*NAME_PARAMETER["parameters"], {"name": "version", "in": "path", "required": True, "schema": STRING}]
+}
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -202,12 +206,16 @@ def add_oip_routes(app: FastAPI, service: Service) -> None:
     unknown = error_doc("no model of that name: this server serves one model (GET /v1/models)")
     max_images = min(MAX_IMAGES_PER_REQUEST, settings.max_queue)
 
-    def served(name: str) -> Any:
+    def served(request: Request) -> Any:
         info = service.engine_info
         if info is None:
             raise APIError(503, f"not ready ({service.state})", None, {"Retry-After": "5"})
+        name = request.path_params["name"]
         if name != info.model:
             raise APIError(404, f"model {name!r} not found; this server serves {info.model!r}", "name")
+        version = request.path_params.get("version", VERSION)
+        if version != VERSION:
+            raise APIError(404, f"model {name!r} has no version {version!r}; its versions: [{VERSION!r}]", "version")
         return info
 
     @app.get(
@@ -252,17 +260,26 @@ def add_oip_routes(app: FastAPI, service: Service) -> None:
         """Readiness (as /readyz): 200 once the engine is loaded and warmed up; 503 before and while draining."""
         return JSONResponse({"ready": service.ready}, status_code=200 if service.ready else 503)
 
+    metadata_responses = {200: _json(MODEL_METADATA_SCHEMA, "model metadata"), **auth, 404: unknown, 503: not_ready}
+
     @app.get(
         "/v2/models/{name}",
         tags=["Open Inference Protocol v2"],
         dependencies=keyed,
         openapi_extra=NAME_PARAMETER,
-        responses={200: _json(MODEL_METADATA_SCHEMA, "model metadata"), **auth, 404: unknown, 503: not_ready},
+        responses=metadata_responses,
+    )
+    @app.get(
+        "/v2/models/{name}/versions/{version}",
+        tags=["Open Inference Protocol v2"],
+        dependencies=keyed,
+        openapi_extra=VERSION_PARAMETERS,
+        responses=metadata_responses,
     )
     async def model_metadata(request: Request) -> JSONResponse:
         """Model metadata: inputs class_label INT32 [-1] (class-conditional models) and seed INT64 [-1];
         output image UINT8 [-1, C, H, W]."""
-        info = served(request.path_params["name"])
+        info = served(request)
         inputs = [{"name": "seed", "datatype": "INT64", "shape": [-1]}]
         if info.conditional:
             inputs.insert(0, {"name": "class_label", "datatype": "INT32", "shape": [-1]})
@@ -271,54 +288,66 @@ def add_oip_routes(app: FastAPI, service: Service) -> None:
             {"name": info.model, "versions": [VERSION], "platform": PLATFORM, "inputs": inputs, "outputs": [image]}
         )
 
+    ready_responses = {200: _json(ready_body, "ready"), 404: unknown, 503: _json(ready_body, "not ready")}
+
     @app.get(
         "/v2/models/{name}/ready",
         tags=["Open Inference Protocol v2"],
         openapi_extra=NAME_PARAMETER,
-        responses={200: _json(ready_body, "ready"), 404: unknown, 503: _json(ready_body, "not ready")},
+        responses=ready_responses,
+    )
+    @app.get(
+        "/v2/models/{name}/versions/{version}/ready",
+        tags=["Open Inference Protocol v2"],
+        openapi_extra=VERSION_PARAMETERS,
+        responses=ready_responses,
     )
     async def model_ready(request: Request) -> JSONResponse:
         """Model readiness: the server's (it serves one model)."""
         name = request.path_params["name"]
         if service.engine_info is not None:
-            served(name)
+            served(request)
         return JSONResponse({"name": name, "ready": service.ready}, status_code=200 if service.ready else 503)
+
+    infer_request = {"required": True, "content": {"application/json": {"schema": INFER_REQUEST_SCHEMA}}}
+    infer_responses: dict[int | str, Any] = {
+        200: {
+            **_json(INFER_RESPONSE_SCHEMA, "output image UINT8 [N, C, H, W]"),
+            "headers": {"Server-Timing": {"description": "queue and compute time (ms)", "schema": STRING}},
+        },
+        400: error_doc("a bad tensor (datatype, shape, missing input, value out of range), named in `field`"),
+        **auth,
+        404: unknown,
+        408: error_doc("the request body was not received within --body-timeout-s"),
+        413: error_doc("body larger than --max-body-bytes"),
+        429: error_doc(
+            "more than --max-queue images queued; retry after Retry-After seconds",
+            headers={"Retry-After": {**RETRY_AFTER, "required": True}},
+        ),
+        500: error_doc("the engine failed on a batch holding this request"),
+        503: not_ready,
+        504: error_doc("not done within the server's --timeout-s (or parameters.timeout_s)"),
+    }
 
     @app.post(
         "/v2/models/{name}/infer",
         tags=["Open Inference Protocol v2"],
         dependencies=keyed,
-        openapi_extra={
-            **NAME_PARAMETER,
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": INFER_REQUEST_SCHEMA}},
-            },
-        },
-        responses={
-            200: {
-                **_json(INFER_RESPONSE_SCHEMA, "output image UINT8 [N, C, H, W]"),
-                "headers": {"Server-Timing": {"description": "queue and compute time (ms)", "schema": STRING}},
-            },
-            400: error_doc("a bad tensor (datatype, shape, missing input, value out of range), named in `field`"),
-            **auth,
-            404: unknown,
-            408: error_doc("the request body was not received within --body-timeout-s"),
-            413: error_doc("body larger than --max-body-bytes"),
-            429: error_doc(
-                "more than --max-queue images queued; retry after Retry-After seconds",
-                headers={"Retry-After": {**RETRY_AFTER, "required": True}},
-            ),
-            500: error_doc("the engine failed on a batch holding this request"),
-            503: not_ready,
-            504: error_doc("not done within the server's --timeout-s (or parameters.timeout_s)"),
-        },
+        openapi_extra={**NAME_PARAMETER, "requestBody": infer_request},
+        responses=infer_responses,
+    )
+    @app.post(
+        "/v2/models/{name}/versions/{version}/infer",
+        tags=["Open Inference Protocol v2"],
+        dependencies=keyed,
+        openapi_extra={**VERSION_PARAMETERS, "requestBody": infer_request},
+        responses=infer_responses,
     )
     async def infer(request: Request) -> Response:
         """Generate one image per (class_label, seed): v2 JSON tensors (or binary tensor data) in,
         output image UINT8 [N, C, H, W] out."""
         accepted = time.monotonic()
-        info = served(request.path_params["name"])
+        info = served(request)
         body, binary = parse_infer_body(await request.body(), request.headers.get(HEADER_LENGTH))
         batcher = check_accepting(service)
 

@@ -186,3 +186,23 @@ def test_oip_paths_are_in_the_openapi_document(fake_engine) -> None:
     assert keyed_doc["paths"]["/v2/models/{name}/infer"]["post"]["security"] == [{"HTTPBearer": []}]
     assert "security" not in keyed_doc["paths"]["/v2/health/ready"]["get"]
     assert keyed_doc["paths"]["/v2/models/{name}"]["get"]["parameters"][0]["name"] == "name"
+
+
+def test_versioned_paths_serve_version_1_and_refuse_others(fake_engine, live_server) -> None:
+    with live_server(create_app(ServeSettings(), engine=fake_engine())) as srv:
+        srv.wait_ready()
+        client = triton(srv)
+        plain = client.infer("fake", inputs([1, 2], [2, 3])).as_numpy("image")
+        versioned = client.infer("fake", inputs([1, 2], [2, 3]), model_version="1").as_numpy("image")
+        assert (plain == versioned).all()
+        assert client.get_model_metadata("fake", model_version="1")["versions"] == ["1"]
+        assert client.is_model_ready("fake", model_version="1")
+        with pytest.raises(InferenceServerException) as other:
+            client.infer("fake", inputs([1], [2]), model_version="2")
+        assert other.value.status() == "404" and "version" in other.value.message()
+        r = httpx.get(srv.url + "/v2/models/fake/versions/7", timeout=60)
+        assert r.status_code == 404 and r.json()["field"] == "version"
+    doc = create_app(ServeSettings(), engine=fake_engine()).openapi()["paths"]
+    for path, method in (("", "get"), ("/ready", "get"), ("/infer", "post")):
+        params = doc["/v2/models/{name}/versions/{version}" + path][method]["parameters"]
+        assert [p["name"] for p in params] == ["name", "version"]
