@@ -147,7 +147,7 @@ class StagedBatcher(Batcher):
                 await self._wakeup.wait()
                 continue
             fill_by = max(self._queue[0].ticket.submitted, self._engine_free_since) + self.max_delay_s
-            while self._queued < self.take_limit(0):
+            while self._queued < min(self.take_limit(0), self.limits[-1]):  # no more than the last stage takes
                 timeout = fill_by - time.monotonic()
                 if timeout <= 0:
                     break

@@ -224,8 +224,9 @@ class StagedScheduler:
         if k is None:
             return None
         queue = self.queues[k]
-        if k == 0 and not any(self.queues[1:]) and len(queue) < self.limits[0]:
-            # Nothing else to do: wait for new arrivals as the cascade batcher does.
+        if k == 0 and not any(self.queues[1:]) and len(queue) < min(self.take_limit(0), self.limits[-1]):
+            # Nothing else to do: wait for new arrivals as the cascade batcher does, for as many images
+            # as the last stage takes (waiting to fill a bigger first-stage call would delay them all).
             fill_by = max(queue[0].request.arrival, self.free_since) + self.max_delay
             if now < fill_by:
                 return fill_by
@@ -281,7 +282,7 @@ class ContinuousScheduler:
         else:
             k = min(waiting, key=lambda j: self.queues[j][0].request.arrival)
         queue = self.queues[k]
-        if k == 0 and waiting == [0] and len(queue) < self.limits[0]:
+        if k == 0 and waiting == [0] and len(queue) < min(self.limits[0], self.limits[-1]):
             fill_by = max(queue[0].request.arrival, self.free_since) + self.max_delay
             if now < fill_by and all(im.step == 0 for im in queue):
                 return fill_by
