@@ -169,6 +169,13 @@ def _persistent_object(meta: Any) -> PersistentRecord:
     return PersistentRecord(name, dict(state), hashlib.sha256(source.encode()).hexdigest())
 
 
+def _latin1_bytes(text: Any, encoding: Any = "latin1") -> bytes:
+    """How protocol-2 pickles spell ``bytes``: ``_codecs.encode(str, 'latin1')``, and only that."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode other than str → latin-1 bytes")
+    return text.encode("latin-1")
+
+
 def _torch_module(name: str) -> type[TorchModuleRecord]:
     return type(name, (TorchModuleRecord,), {"type_name": name})
 
@@ -177,6 +184,9 @@ _TORCH_CONTAINERS = ("ModuleDict", "ModuleList", "Sequential")
 _ALLOWED: dict[tuple[str, str], Callable[..., Any] | type] = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_object,
     ("collections", "OrderedDict"): OrderedDict,
+    **{(m, "set"): set for m in ("builtins", "__builtin__")},  # protocols < 4 spell sets and bytes as calls
+    **{(m, "frozenset"): frozenset for m in ("builtins", "__builtin__")},
+    ("_codecs", "encode"): _latin1_bytes,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,

@@ -211,6 +211,8 @@ def test_persistent_source_code_is_never_executed(tmp_path: Path, monkeypatch: p
         (pickle.dumps({"weights": [1, 2, 3]}), "no 'ema' network"),
         (pickle.dumps([1.0, "x"]), "no 'ema' network"),
         (b"", "not a readable EDM snapshot"),
+        (pickle.dumps({"s": {1, 2}, "b": b"\xff", "f": frozenset()}, protocol=2), "no 'ema' network"),
+        (b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x06\x00\x00\x00rot_13\x86R.", "_codecs.encode other"),
     ],
 )
 def test_files_that_are_not_snapshots_are_one_line_errors(tmp_path: Path, content: bytes, message: str) -> None:
