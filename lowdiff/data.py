@@ -53,10 +53,15 @@ def load_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(_to_nchw(images, path).copy()), torch.from_numpy(labels.astype(np.int64))
 
 
+def image_folder_classes(path: Path) -> list[str]:
+    """An image folder's class names: its subfolders' names, sorted; label i is the i-th name."""
+    return sorted(p.name for p in path.iterdir() if p.is_dir())
+
+
 def load_image_folder(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     from PIL import Image
 
-    classes = sorted(p for p in path.iterdir() if p.is_dir())
+    classes = [path / name for name in image_folder_classes(path)]
     if not classes:
         raise DataError(f"{path}: an image folder needs one subfolder per class")
     images, labels = [], []

@@ -54,6 +54,45 @@ def config_to_dict(config: ModelConfig) -> dict[str, Any]:
     }
 
 
+# Bounds on a network read from a file (a checkpoint, a config file): wide enough for any DDPM++ a
+# user trains, narrow enough that a hostile file cannot make the loader allocate terabytes.
+NETWORK_INT_BOUNDS = {
+    "img_resolution": (1, 4096), "img_channels": (1, 64), "label_dim": (0, 1_000_000),
+    "model_channels": (1, 4096), "channel_mult_emb": (1, 64), "num_blocks": (1, 64), "augment_dim": (0, 64),
+}  # fmt: skip
+NETWORK_TUPLE_KEYS = ("resolutions", "channel_mult", "attn_resolutions")
+
+
+def _network_from_dict(data: Any) -> NetworkConfig:
+    """A :class:`NetworkConfig` from untrusted data: every field's type and range checked (ValueError)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"network must be a dict, got {type(data).__name__}")
+    net = dict(data)
+    for key, (low, high) in NETWORK_INT_BOUNDS.items():
+        value = net.get(key)
+        if key in net and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
+            raise ValueError(f"network.{key} must be an integer in [{low}, {high}], got {value!r}")
+    for key in NETWORK_TUPLE_KEYS:
+        value = net.get(key)
+        if key in net:
+            if not isinstance(value, list | tuple) or len(value) > 16:
+                raise ValueError(f"network.{key} must be a list of at most 16 integers, got {value!r}")
+            if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096 for v in value):
+                raise ValueError(f"network.{key} must hold integers in [1, 4096], got {value!r}")
+            net[key] = tuple(value)
+    dropout = net.get("dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"network.dropout must be a number in [0, 1), got {dropout!r}")
+    network = NetworkConfig(**net)
+    if not network.resolutions or not network.channel_mult:
+        raise ValueError("network.resolutions and network.channel_mult must not be empty")
+    if network.resolutions[-1] != network.img_resolution or list(network.resolutions) != sorted(network.resolutions):
+        raise ValueError(f"network.resolutions must rise to img_resolution, got {list(network.resolutions)}")
+    for r in network.resolutions:
+        network.level_of(r)  # each stage resolution is one of the network's levels
+    return network
+
+
 def config_from_dict(data: Any) -> ModelConfig:
     """Rebuild a config from :func:`config_to_dict`'s output; anything else is a :class:`ConfigError`."""
     if not isinstance(data, dict):
@@ -65,10 +104,7 @@ def config_from_dict(data: Any) -> ModelConfig:
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)}", "config")
     try:
-        net = dict(data["network"])
-        for key in ("resolutions", "channel_mult", "attn_resolutions"):
-            net[key] = tuple(net[key])
-        network = NetworkConfig(**net)
+        network = _network_from_dict(data["network"])
         schedule = CascadeSchedule.from_dict(data["schedule"])
     except (TypeError, KeyError, ValueError, ConfigError) as exc:
         raise ConfigError(f"invalid network or schedule ({type(exc).__name__}: {exc})", "config") from None
@@ -91,6 +127,46 @@ def config_from_dict(data: Any) -> ModelConfig:
         description=str(data.get("description", "")),
         class_names=tuple(names),
     )
+
+
+MERGED_CONFIG_KEYS = ("network", "training")  # a config file's "base" overrides merge into these key by key
+
+
+def load_config(spec: str | Path) -> ModelConfig:
+    """A built-in config by name, or a JSON file: a whole config (``lowdiff models --dump NAME``) or
+    ``{"base": NAME, …}`` — the built-in config with the file's keys laid over it (``network`` and
+    ``training`` merged key by key, any other key replaced). Validated by :func:`config_from_dict`;
+    every problem is a :class:`ConfigError` naming ``config`` and the file."""
+    text = str(spec)
+    if not text.endswith(".json"):
+        return get_config(text)
+    path = Path(text)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})", "config") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})", "config") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}", "config")
+    if "base" in data:
+        base_name = data.pop("base")
+        if not isinstance(base_name, str) or base_name not in BUILTIN_CONFIGS:
+            known = ", ".join(BUILTIN_CONFIGS)
+            raise ConfigError(f"{path}: base must be a built-in config ({known}), got {base_name!r}", "config")
+        merged = config_to_dict(BUILTIN_CONFIGS[base_name])
+        for key, value in data.items():
+            if key in MERGED_CONFIG_KEYS and isinstance(value, dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        if "class_names" not in data and merged["network"]["label_dim"] != BUILTIN_CONFIGS[base_name].num_classes:
+            merged["class_names"] = []  # the base's names belong to the base's classes, not these
+        data = merged
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc.message}", "config") from None
 
 
 class TorchStage:
@@ -190,13 +266,13 @@ class LowDiffModel:
 
 
 def load_model(checkpoint: str | Path | None = None, config: str | None = None) -> LowDiffModel:
-    """The one loader: ``checkpoint`` (EMA weights if it has them), else built-in ``config`` with random
-    weights, else the embedded default. Errors are :class:`CheckpointError` (field ``checkpoint``) or
-    :class:`ConfigError` (field ``config``), one line each."""
+    """The one loader: ``checkpoint`` (EMA weights if it has them), else ``config`` (a built-in name or a
+    JSON file, :func:`load_config`) with random weights, else the embedded default. Errors are
+    :class:`CheckpointError` (field ``checkpoint``) or :class:`ConfigError` (field ``config``), one line each."""
     if checkpoint is not None and config is not None:
         raise ConfigError("give either a checkpoint or a config (random weights), not both", "config")
     if config is not None:
-        return LowDiffModel(get_config(config))
+        return LowDiffModel(load_config(config))
     path = Path(checkpoint) if checkpoint is not None else default_checkpoint_path()
     payload = read_checkpoint(path)
     try:

@@ -17,11 +17,23 @@ def register(sub: Any) -> None:
     )
     p.add_argument("names", nargs="*", help="configs to show (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--dump",
+        metavar="NAME",
+        default=None,
+        help="print one config whole, as JSON that `train --config FILE.json` takes (a start for your own)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
     from lowdiff.counting import describe_all
+
+    if args.dump is not None:
+        from lowdiff.model import config_to_dict, load_config
+
+        print(json.dumps(config_to_dict(load_config(args.dump)), indent=2))
+        return
 
     table = describe_all(args.names or None)
     if args.json:

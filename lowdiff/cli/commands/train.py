@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ def register(sub: Any) -> None:
         "atomically every --checkpoint-every steps, every --checkpoint-minutes and on Ctrl-C/SIGTERM) and "
         "sample grids; --resume continues it exactly.",
     )
-    p.add_argument("--config", required=True, help="a built-in config name (`lowdiff models`)")
+    p.add_argument(
+        "--config", required=True, help="a built-in config name (`lowdiff models`) or a JSON config file (README)"
+    )
     p.add_argument("--data", type=Path, required=True, help=".npz (images, labels), image folder or CIFAR-10 tarball")
     p.add_argument("--run-dir", type=Path, required=True, help="folder for checkpoint.pt and sample grids")
     p.add_argument(
@@ -79,11 +82,11 @@ def register_export_ema(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from lowdiff.configs import get_config
-    from lowdiff.data import holdout_split, load_dataset, prepare_images
+    from lowdiff.data import holdout_split, image_folder_classes, load_dataset, prepare_images
+    from lowdiff.model import load_config
     from lowdiff.training import Trainer, TrainOptions
 
-    config = get_config(args.config)
+    config = load_config(args.config)
     if args.keep_count and args.init_from is None:
         raise SettingsError("only with --init-from", "keep_count")
     images, labels = load_dataset(args.data)
@@ -105,6 +108,11 @@ def run(args: argparse.Namespace) -> None:
                 f"class labels {found}…{config.num_classes - 1} will never be trained",
                 file=sys.stderr,
             )
+    if y is not None and args.data.is_dir():  # an image folder: its subfolders name the classes
+        names = tuple(image_folder_classes(args.data))
+        print("classes: " + ", ".join(f"{i} = {name}" for i, name in enumerate(names)), file=sys.stderr)
+        if len(names) == config.num_classes and names != config.class_names:
+            config = replace(config, class_names=names)  # saved in the checkpoint with the config
     options = TrainOptions(
         batch_size=args.batch_size,
         total_kimg=args.kimg,
