@@ -8,7 +8,8 @@ off at a moderate noise level (σ_t ≈ 0.4–2).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
 
 from lowdiff.errors import ConfigError
 from lowdiff.network import NetworkConfig
@@ -17,20 +18,93 @@ from lowdiff.schedule import CascadeSchedule, StageSchedule
 
 NARROW = {"sigma_min": 0.01, "sigma_max": 50.0}  # appendix C, conditioned stages
 
+LossWeighting = Literal["pixels", "equal"]
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """How a config is trained; `lowdiff train` takes its defaults from here (flags override them).
+
+    The defaults are EDM's CIFAR-10 recipe (train.py/training_loop.py), which the paper keeps for its
+    models (§4.1: "all training hyperparameters … are retained"). ``loss_weighting`` says how the
+    per-resolution losses of the cascade add up: ``"pixels"`` reduces each as EDM does (sum over the
+    image's pixels, mean over the batch), so resolutions weigh in proportion to their pixel counts
+    (192 : 768 : 3072 for CIFAR's 8/16/32) — what training every stage with "the same loss as the
+    baseline" gives; ``"equal"`` takes each resolution's mean over pixels (1 : 1 : 1), the recipe the
+    embedded fashion32 was trained with. ``grad_clip`` 0 = none (EDM clips nothing; non-finite steps
+    are skipped instead). ``augment_p`` is EDM's augmentation probability (0 = off; needs a network
+    with ``augment_dim`` for the non-leaking augment labels).
+    """
+
+    batch_size: int = 512
+    lr: float = 1e-3
+    lr_rampup_kimg: float = 10_000.0
+    ema_halflife_kimg: float = 500.0
+    ema_rampup_ratio: float = 0.05
+    grad_clip: float = 0.0
+    loss_weighting: LossWeighting = "pixels"
+    augment_p: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.loss_weighting not in ("pixels", "equal"):
+            raise ConfigError(f"expected 'pixels' or 'equal', got {self.loss_weighting!r}", "loss_weighting")
+        if not 0.0 <= self.augment_p <= 1.0:
+            raise ConfigError(f"augmentation probability must be in [0, 1], got {self.augment_p}", "augment_p")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be ≥ 1, got {self.batch_size}", "batch_size")
+        for name in ("lr", "lr_rampup_kimg", "ema_halflife_kimg", "ema_rampup_ratio", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"must be ≥ 0, got {getattr(self, name)}", name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# EDM's CIFAR-10 recipe (batch 512, lr 1e-3, EMA half-life 500 kimg with ramp 0.05, lr ramp 10 Mimg,
+# no clipping, augmentation p = 0.12) and its FFHQ-64 one (batch 256, lr 2e-4, p = 0.15: EDM's README).
+EDM_CIFAR_RECIPE = TrainingRecipe(augment_p=0.12)
+EDM_FFHQ_RECIPE = TrainingRecipe(batch_size=256, lr=2e-4, augment_p=0.15)
+# The small CPU recipe the embedded fashion32 (and edm-fashion32) were trained with, and what a
+# checkpoint written before configs carried a recipe was trained with: batch 64, lr ramp 10 kimg,
+# EMA half-life 20 kimg (ramp 0.1), clipping at 1, each resolution's loss a mean over pixels.
+SMALL_CPU_RECIPE = TrainingRecipe(
+    batch_size=64,
+    lr=1e-3,
+    lr_rampup_kimg=10.0,
+    ema_halflife_kimg=20.0,
+    ema_rampup_ratio=0.1,
+    grad_clip=1.0,
+    loss_weighting="equal",
+    augment_p=0.0,
+)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
     network: NetworkConfig
     schedule: CascadeSchedule
-    preconditioning: Preconditioning = "vp"
+    # EDMPrecond, as the paper's models (§4.1: "SongUNet and EDMPrecond … under the VP setting" — in
+    # EDM, "VP" names the DDPM++ architecture; its released cifar10-32x32-cond-vp is EDMPrecond).
+    preconditioning: Preconditioning = "edm"
     pad: int = 0  # pixels of black border added to each side of the dataset's images
     description: str = ""
     class_names: tuple[str, ...] = ()  # one per class label (empty: the labels are only numbers)
+    training: TrainingRecipe = field(default_factory=TrainingRecipe)
 
     def __post_init__(self) -> None:
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ConfigError(f"{len(self.class_names)} class names for {self.num_classes} classes", "class_names")
+        if self.training.augment_p > 0 and self.network.augment_dim == 0:
+            raise ConfigError(
+                f"augmentation (p = {self.training.augment_p}) needs a network with augment labels; "
+                f"{self.name}'s has augment_dim 0",
+                "augment_p",
+            )
+
+    def with_training(self, **changes: Any) -> ModelConfig:
+        """This config with some training-recipe fields changed (what `lowdiff train`'s flags do)."""
+        return replace(self, training=replace(self.training, **changes))
 
     @property
     def resolutions(self) -> tuple[int, ...]:
@@ -134,12 +208,14 @@ def _builtin() -> dict[str, ModelConfig]:
             EDM_35,
             description="EDM DDPM++ baseline, class-conditional CIFAR-10, NFE 35",
             class_names=CIFAR10_CLASSES,
+            training=EDM_CIFAR_RECIPE,
         ),
         ModelConfig(
             "edm-cifar10-uncond",
             _cifar_net(0, (32,)),
             EDM_35,
             description="EDM DDPM++ baseline, unconditional CIFAR-10, NFE 35",
+            training=EDM_CIFAR_RECIPE,
         ),
         ModelConfig(
             "cifar10-cond",
@@ -147,12 +223,14 @@ def _builtin() -> dict[str, ModelConfig]:
             CIFAR_3STAGE,
             description="LowDiff 8-16-32, class-conditional CIFAR-10",
             class_names=CIFAR10_CLASSES,
+            training=EDM_CIFAR_RECIPE,
         ),
         ModelConfig(
             "cifar10-uncond",
             _cifar_net(0, (8, 16, 32)),
             CIFAR_3STAGE,
             description="LowDiff 8-16-32, unconditional CIFAR-10",
+            training=EDM_CIFAR_RECIPE,
         ),
         ModelConfig(
             "cifar10-cond-2stage",
@@ -160,10 +238,29 @@ def _builtin() -> dict[str, ModelConfig]:
             CIFAR_2STAGE,
             description="LowDiff 16-32, class-conditional CIFAR-10",
             class_names=CIFAR10_CLASSES,
+            training=EDM_CIFAR_RECIPE,
         ),
-        ModelConfig("edm-ffhq64", _ffhq_net((64,)), EDM_79, description="EDM DDPM++ baseline, FFHQ 64×64, NFE 79"),
-        ModelConfig("ffhq64", _ffhq_net((8, 16, 32, 64)), FFHQ_4STAGE, description="LowDiff 8-16-32-64, FFHQ 64×64"),
-        ModelConfig("ffhq64-2stage", _ffhq_net((32, 64)), FFHQ_2STAGE, description="LowDiff 32-64, FFHQ 64×64"),
+        ModelConfig(
+            "edm-ffhq64",
+            _ffhq_net((64,)),
+            EDM_79,
+            description="EDM DDPM++ baseline, FFHQ 64×64, NFE 79",
+            training=EDM_FFHQ_RECIPE,
+        ),
+        ModelConfig(
+            "ffhq64",
+            _ffhq_net((8, 16, 32, 64)),
+            FFHQ_4STAGE,
+            description="LowDiff 8-16-32-64, FFHQ 64×64",
+            training=EDM_FFHQ_RECIPE,
+        ),
+        ModelConfig(
+            "ffhq64-2stage",
+            _ffhq_net((32, 64)),
+            FFHQ_2STAGE,
+            description="LowDiff 32-64, FFHQ 64×64",
+            training=EDM_FFHQ_RECIPE,
+        ),
         ModelConfig(
             "fashion32",
             _fashion_net((8, 16, 32)),
@@ -172,6 +269,7 @@ def _builtin() -> dict[str, ModelConfig]:
             pad=2,
             description="small default: Fashion-MNIST padded to 32×32, LowDiff 8-16-32",
             class_names=FASHION_MNIST_CLASSES,
+            training=SMALL_CPU_RECIPE,
         ),
         ModelConfig(
             "fashion32-2stage",
@@ -181,6 +279,7 @@ def _builtin() -> dict[str, ModelConfig]:
             pad=2,
             description="fashion32 as LowDiff 16-32 (not trained; for the 2-stage comparison)",
             class_names=FASHION_MNIST_CLASSES,
+            training=SMALL_CPU_RECIPE,
         ),
         ModelConfig(
             "edm-fashion32",
@@ -190,6 +289,7 @@ def _builtin() -> dict[str, ModelConfig]:
             pad=2,
             description="single-resolution baseline of fashion32, NFE 35",
             class_names=FASHION_MNIST_CLASSES,
+            training=SMALL_CPU_RECIPE,
         ),
     ]
     return {c.name: c for c in configs}

@@ -55,6 +55,7 @@ def describe(config: ModelConfig) -> dict[str, Any]:
         "class_names": list(config.class_names),
         "gflops_per_image": round(per_image, 6),
         "stages": stages,
+        "training": config.training.to_dict(),
     }
 
 

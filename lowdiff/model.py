@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from lowdiff.configs import BUILTIN_CONFIGS, ModelConfig, get_config
+from lowdiff.configs import BUILTIN_CONFIGS, SMALL_CPU_RECIPE, ModelConfig, TrainingRecipe, get_config
 from lowdiff.edm_import import import_snapshot
 from lowdiff.errors import CheckpointError, ConfigError
 from lowdiff.hashing import file_sha256
@@ -51,6 +51,7 @@ def config_to_dict(config: ModelConfig) -> dict[str, Any]:
         "pad": config.pad,
         "description": config.description,
         "class_names": list(config.class_names),
+        "training": config.training.to_dict(),
     }
 
 
@@ -100,7 +101,8 @@ def config_from_dict(data: Any) -> ModelConfig:
     missing = {"name", "network", "schedule", "preconditioning"} - set(data)
     if missing:
         raise ConfigError(f"missing key(s) {sorted(missing)}", "config")
-    unknown = set(data) - {"name", "network", "schedule", "preconditioning", "pad", "description", "class_names"}
+    known = {"name", "network", "schedule", "preconditioning", "pad", "description", "class_names", "training"}
+    unknown = set(data) - known
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)}", "config")
     try:
@@ -118,15 +120,35 @@ def config_from_dict(data: Any) -> ModelConfig:
         names = builtin.class_names if builtin is not None and builtin.network == network else ()
     if not isinstance(names, list | tuple) or not all(isinstance(n, str) and n for n in names):
         raise ConfigError("class_names must be a list of non-empty strings", "config")
-    return ModelConfig(
-        name=str(data["name"]),
-        network=network,
-        schedule=schedule,
-        preconditioning=data["preconditioning"],
-        pad=int(data.get("pad", 0)),
-        description=str(data.get("description", "")),
-        class_names=tuple(names),
-    )
+    try:
+        return ModelConfig(
+            name=str(data["name"]),
+            network=network,
+            schedule=schedule,
+            preconditioning=data["preconditioning"],
+            pad=int(data.get("pad", 0)),
+            description=str(data.get("description", "")),
+            class_names=tuple(names),
+            training=_training_from_dict(data.get("training")),
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{exc.field}: {exc.message}", "config") from None
+
+
+def _training_from_dict(data: Any) -> TrainingRecipe:
+    """A config's training recipe; a checkpoint written before configs carried one was trained with
+    the small CPU recipe (mean-over-pixels losses, clipping at 1, …), so that is what it continues with."""
+    if data is None:
+        return SMALL_CPU_RECIPE
+    if not isinstance(data, dict):
+        raise ConfigError(f"training must be a dict, got {type(data).__name__}", "training")
+    unknown = set(data) - set(TrainingRecipe.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"unknown training key(s) {sorted(unknown)}", "training")
+    try:
+        return TrainingRecipe(**data)
+    except TypeError as exc:
+        raise ConfigError(f"invalid training recipe ({exc})", "training") from None
 
 
 MERGED_CONFIG_KEYS = ("network", "training")  # a config file's "base" overrides merge into these key by key

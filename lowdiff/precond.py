@@ -5,6 +5,13 @@ the denoised image. A conditioned stage's condition is itself a noisy image (the
 truncated output, or in training the downsampled clean image with independent noise), so it is
 scaled by the same c_in rule at its own noise level ``sigma_cond``: without that, a condition at
 σ = 80 would swamp the input convolution.
+
+That scaling is ours, not the paper's (which only says the noisy low-resolution image is upsampled and
+concatenated). It is EDM's own reason for c_in applied to the second input: c_in(σ) = 1/√(σ² + σ_data²)
+gives the noisy input unit variance at every σ, and the condition is a noisy image of the same kind
+(data plus noise at σ_cond), so scaled the same way it too reaches the first convolution with unit
+variance whether σ_cond is 0.01 or 80 — four orders of magnitude apart unscaled. It costs one
+multiply per evaluation, and the ONNX/TensorRT stages carry it inside, so no runtime can forget it.
 """
 
 from __future__ import annotations
@@ -89,10 +96,11 @@ class Denoiser(nn.Module):
     # --- training ---
     def sample_training_sigma(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """σ drawn from the training distribution (VP: t ~ U(ε_t, 1); EDM: ln σ ~ N(P_mean, P_std²))."""
+        device = generator.device if generator is not None else None
         if self.kind == "vp":
-            t = torch.rand(batch, generator=generator) * (1 - self.epsilon_t) + self.epsilon_t
+            t = torch.rand(batch, generator=generator, device=device) * (1 - self.epsilon_t) + self.epsilon_t
             return self._vp_sigma(t)
-        return (torch.randn(batch, generator=generator) * self.p_std + self.p_mean).exp()
+        return (torch.randn(batch, generator=generator, device=device) * self.p_std + self.p_mean).exp()
 
     def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
         if self.kind == "vp":

@@ -7,8 +7,8 @@ sigma_cond) -> D(x; σ)``, and get the shared Heun loop (:func:`heun_stage`) thr
 :class:`FunctionStage`; a runtime that must own the loop (CUDA graphs capture all of a stage's
 steps) implements ``run_stage`` itself from the same :class:`StageSchedule`.
 
-Determinism: every random draw for image i comes from ``torch.Generator().manual_seed(seed_i)``
-(all stages' starting noise, drawn in stage order), and the solver runs in float64, so an
+Determinism: every random draw for image i comes from ``torch.Generator().manual_seed(seed_i % 2**32)``
+(all stages' starting noise, float32 as EDM draws it, in stage order), and the solver runs in float64, so an
 image depends only on its (class, seed), not on batch size, position or neighbours.
 """
 
@@ -50,14 +50,22 @@ StageCallback = Callable[[int, float], None]  # (resolution, seconds)
 
 
 def initial_noise(seeds: Sequence[int], schedule: CascadeSchedule, channels: int) -> list[torch.Tensor]:
-    """Unit-variance starting noise for every stage, [B, C, r, r] float64, one generator per seed."""
+    """Unit-variance starting noise for every stage, [B, C, r, r] float64, one generator per seed.
+
+    Drawn as EDM's generate.py draws it: one CPU ``torch.Generator`` per seed, seeded with
+    ``seed % 2**32``, ``randn`` in float32, then converted to float64 for the solver. So a single-stage
+    model imported from EDM starts from EDM's own noise for the same seed (EDM run on the CPU; CUDA
+    generators give other numbers), and a cascade's first stage draws what EDM would draw at that
+    resolution. Later stages continue the same generator, in stage order, so every stage's noise still
+    depends only on the seed.
+    """
     per_stage: list[list[torch.Tensor]] = [[] for _ in schedule.stages]
     for seed in seeds:
-        gen = torch.Generator().manual_seed(int(seed))
+        gen = torch.Generator().manual_seed(int(seed) % 2**32)
         for k, stage in enumerate(schedule.stages):
             r = stage.resolution
-            per_stage[k].append(torch.randn(channels, r, r, generator=gen, dtype=torch.float64))
-    return [torch.stack(xs) for xs in per_stage]
+            per_stage[k].append(torch.randn(channels, r, r, generator=gen, dtype=torch.float32))
+    return [torch.stack(xs).to(torch.float64) for xs in per_stage]
 
 
 def upsample_condition(x: torch.Tensor, resolution: int) -> torch.Tensor:

@@ -5,12 +5,22 @@ is downsampled to the previous resolution, perturbed with independent noise (tru
 augmentation), upsampled back to r and concatenated to the noisy input. Each resolution's forward
 pass runs only its sub-network, so its loss reaches only the parameters that sub-network uses.
 Single-resolution (EDM baseline) configs train with the same code: one loss, no condition.
+
+The recipe (batch, learning rate and its ramp-up, EMA, clipping, loss weighting, augmentation) is the
+config's :class:`~lowdiff.configs.TrainingRecipe`: EDM's for the paper configs. Each resolution's loss
+is reduced as EDM reduces it — summed over the image's pixels, averaged over the batch — weighted per
+the recipe's ``loss_weighting``. Augmentation (EDM's, :mod:`lowdiff.augment`) is applied to the
+full-resolution image before the resolutions are cut from it, and its labels go to every stage.
+
+Randomness: every random draw of step k (which images, σ, noise, augmentation) comes from generators
+seeded by (seed, k) alone, drawn for the whole batch at once. A step therefore depends only on the
+weights and the step number, which is what makes a resumed run continue exactly.
 """
 
 from __future__ import annotations
 
 import copy
-import math
+import hashlib
 import signal
 import sys
 import time
@@ -23,8 +33,9 @@ from typing import Any, TextIO
 import torch
 import torch.nn.functional as F
 
-from lowdiff.configs import ModelConfig
-from lowdiff.errors import CheckpointError
+from lowdiff.augment import AUGMENT_LABELS, AugmentPipe
+from lowdiff.configs import LossWeighting, ModelConfig
+from lowdiff.errors import CheckpointError, ConfigError
 from lowdiff.imaging import save_png, tile
 from lowdiff.model import (
     CHECKPOINT_FORMAT,
@@ -41,13 +52,9 @@ from lowdiff.sampler import upsample_condition
 
 @dataclass
 class TrainOptions:
-    batch_size: int = 64
+    """How one run goes (the recipe itself — batch, lr, EMA, … — is the config's ``training``)."""
+
     total_kimg: float = 200.0  # training images, thousands
-    lr: float = 1e-3
-    lr_rampup_kimg: float = 20.0
-    ema_halflife_kimg: float = 20.0
-    ema_rampup_ratio: float = 0.1
-    grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 20
     checkpoint_every: int = 500  # steps
@@ -61,33 +68,108 @@ def downsample(x: torch.Tensor, resolution: int) -> torch.Tensor:
     return F.avg_pool2d(x, factor) if factor > 1 else x
 
 
+def step_generator(seed: int, step: int, stream: str, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of one step's ``stream`` ("data", "noise"): seeded from (seed, step, stream) only."""
+    digest = hashlib.sha256(f"lowdiff-train:{seed}:{step}:{stream}".encode()).digest()
+    return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+@dataclass
+class StepDraws:
+    """Every random draw of one training step for a whole batch: σ and noise per resolution, the
+    condition's σ and noise per conditioned resolution, augmentation parameters. Slicing it gives
+    a part of the batch exactly the draws it would have had in the whole."""
+
+    sigma: list[torch.Tensor]  # [B] per resolution
+    noise: list[torch.Tensor]  # [B, C, r, r] per resolution
+    sigma_cond: list[torch.Tensor | None]  # [B] per resolution (None for the first)
+    noise_cond: list[torch.Tensor | None]  # [B, C, r_prev, r_prev] per resolution (None for the first)
+    augment: torch.Tensor | None  # [B, 8] augmentation parameters, None = no augmentation
+
+    def slice(self, start: int, stop: int) -> StepDraws:
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[start:stop]
+
+        return StepDraws(
+            [t[start:stop] for t in self.sigma],
+            [t[start:stop] for t in self.noise],
+            [cut(t) for t in self.sigma_cond],
+            [cut(t) for t in self.noise_cond],
+            cut(self.augment),
+        )
+
+
+def draw_step(
+    denoiser: Denoiser,
+    batch: int,
+    channels: int,
+    resolutions: tuple[int, ...],
+    generator: torch.Generator | None,
+    augment_p: float = 0.0,
+) -> StepDraws:
+    """All of a step's draws for ``batch`` images, in one fixed order (augmentation, then per resolution)."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    augment = AugmentPipe(augment_p).sample(batch, generator, device) if augment_p > 0 else None
+    draws = StepDraws([], [], [], [], augment)
+    for k, res in enumerate(resolutions):
+        draws.sigma.append(denoiser.sample_training_sigma(batch, generator))
+        draws.noise.append(torch.randn(batch, channels, res, res, generator=generator, device=device))
+        if k == 0:
+            draws.sigma_cond.append(None)
+            draws.noise_cond.append(None)
+        else:
+            low = resolutions[k - 1]
+            draws.sigma_cond.append(denoiser.sample_training_sigma(batch, generator))
+            draws.noise_cond.append(torch.randn(batch, channels, low, low, generator=generator, device=device))
+    return draws
+
+
+def per_image_loss(
+    denoiser: Denoiser,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    resolutions: tuple[int, ...],
+    draws: StepDraws,
+    weighting: LossWeighting = "pixels",
+    augment_labels: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """(loss per image [B], {resolution: loss per image [B]}): EDM's weighted loss summed over pixels
+    (``"pixels"``) or averaged over them (``"equal"``), summed over resolutions."""
+    total = images.new_zeros(images.shape[0])
+    per_resolution: dict[int, torch.Tensor] = {}
+    for k, res in enumerate(resolutions):
+        target = downsample(images, res)
+        sigma = draws.sigma[k]
+        noisy = target + draws.noise[k] * sigma[:, None, None, None]
+        condition = sigma_cond = None
+        if k > 0:
+            sigma_cond, noise_cond = draws.sigma_cond[k], draws.noise_cond[k]
+            assert sigma_cond is not None and noise_cond is not None
+            low = downsample(images, resolutions[k - 1]) + noise_cond * sigma_cond[:, None, None, None]
+            condition = upsample_condition(low, res)
+        denoised = denoiser(noisy, sigma, labels, res, condition, sigma_cond, augment_labels)
+        weight = denoiser.loss_weight(sigma)[:, None, None, None]
+        loss = (weight * (denoised - target) ** 2).flatten(1).sum(dim=1)
+        if weighting == "equal":
+            loss = loss / target[0].numel()
+        per_resolution[res] = loss
+        total = total + loss
+    return total, per_resolution
+
+
 def cascade_loss(
     denoiser: Denoiser,
     images: torch.Tensor,
     labels: torch.Tensor | None,
     resolutions: tuple[int, ...],
     generator: torch.Generator | None = None,
+    weighting: LossWeighting = "pixels",
 ) -> tuple[torch.Tensor, dict[int, float]]:
-    """Sum over resolutions of EDM's weighted denoising loss (mean over pixels and batch)."""
-    batch = images.shape[0]
-    total = images.new_zeros(())
-    per_resolution: dict[int, float] = {}
-    for k, res in enumerate(resolutions):
-        target = downsample(images, res)
-        sigma = denoiser.sample_training_sigma(batch, generator)
-        noisy = target + torch.randn(target.shape, generator=generator) * sigma[:, None, None, None]
-        condition = sigma_cond = None
-        if k > 0:
-            low = downsample(images, resolutions[k - 1])
-            sigma_cond = denoiser.sample_training_sigma(batch, generator)
-            low = low + torch.randn(low.shape, generator=generator) * sigma_cond[:, None, None, None]
-            condition = upsample_condition(low, res)
-        denoised = denoiser(noisy, sigma, labels, res, condition, sigma_cond)
-        weight = denoiser.loss_weight(sigma)[:, None, None, None]
-        loss = (weight * (denoised - target) ** 2).mean()
-        per_resolution[res] = float(loss.detach())
-        total = total + loss
-    return total, per_resolution
+    """Mean over the batch of :func:`per_image_loss` with fresh draws (no augmentation), and the
+    per-resolution means — for evaluating a loss outside the training loop."""
+    draws = draw_step(denoiser, images.shape[0], images.shape[1], resolutions, generator)
+    total, per_res = per_image_loss(denoiser, images, labels, resolutions, draws, weighting)
+    return total.mean(), {r: float(v.detach().mean()) for r, v in per_res.items()}
 
 
 def sample_grid(model: LowDiffModel, rows: int = 10, cols: int = 10, seed0: int = 0) -> torch.Tensor:
@@ -103,19 +185,25 @@ class Trainer:
 
     def __init__(self, config: ModelConfig, options: TrainOptions, run_dir: Path):
         self.config = config
+        self.recipe = config.training
         self.options = options
         self.run_dir = run_dir
+        if self.recipe.augment_p > 0 and config.network.augment_dim != AUGMENT_LABELS:
+            raise ConfigError(
+                f"augmentation needs a network with {AUGMENT_LABELS} augment labels; "
+                f"{config.name}'s augment_dim is {config.network.augment_dim}",
+                "augment_p",
+            )
         torch.manual_seed(options.seed)
         self.model = LowDiffModel(config)
         self.denoiser = self.model.denoiser
         self.ema = copy.deepcopy(self.denoiser.net).eval().requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.denoiser.parameters(), lr=options.lr, betas=(0.9, 0.999), eps=1e-8)
+        self.optimizer = torch.optim.Adam(self.denoiser.parameters(), lr=self.recipe.lr, betas=(0.9, 0.999), eps=1e-8)
         self.step = 0
         self.nimg = 0
         self.skipped_steps = 0
         self.wall_seconds = 0.0
         self.ramp_origin = 0  # nimg at which the learning-rate ramp-up (re)starts
-        self.generator = torch.Generator().manual_seed(options.seed)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -136,7 +224,6 @@ class Trainer:
                     "skipped_steps": self.skipped_steps,
                     "wall_seconds": self.wall_seconds,
                     "ramp_origin": self.ramp_origin,
-                    "generator": self.generator.get_state(),
                     "options": asdict(self.options),
                 },
             },
@@ -149,9 +236,9 @@ class Trainer:
             "step": self.step,
             "training_images": self.nimg,
             "wall_seconds": round(self.wall_seconds, 1),
-            "batch_size": self.options.batch_size,
-            "lr": self.options.lr,
-            "ema_halflife_kimg": self.options.ema_halflife_kimg,
+            "batch_size": self.recipe.batch_size,
+            "lr": self.recipe.lr,
+            "ema_halflife_kimg": self.recipe.ema_halflife_kimg,
         }
 
     def resume(self) -> bool:
@@ -165,14 +252,13 @@ class Trainer:
             self.ema.load_state_dict(payload["ema_state_dict"])
             self.optimizer.load_state_dict(payload["optimizer"])
             state = payload["train_state"]
-        except (KeyError, RuntimeError, ValueError) as exc:
+            self.step, self.nimg = int(state["step"]), int(state["nimg"])
+            self.skipped_steps, self.wall_seconds = int(state["skipped_steps"]), float(state["wall_seconds"])
+            self.ramp_origin = int(state.get("ramp_origin", 0))
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise CheckpointError(
                 f"{self.checkpoint_path}: not a resumable training checkpoint ({type(exc).__name__})", "run_dir"
             ) from None
-        self.step, self.nimg = state["step"], state["nimg"]
-        self.skipped_steps, self.wall_seconds = state["skipped_steps"], state["wall_seconds"]
-        self.ramp_origin = int(state.get("ramp_origin", 0))
-        self.generator.set_state(state["generator"])
         return True
 
     def init_from(self, path: Path, keep_count: bool = False) -> None:
@@ -203,32 +289,50 @@ class Trainer:
         model.metadata = self.metadata()
         return model
 
+    def batch_indices(self, step: int, num_images: int) -> torch.Tensor:
+        """The global batch of ``step``: ``batch_size`` indices into the training set, with replacement."""
+        gen = step_generator(self.options.seed, step, "data")
+        return torch.randint(0, num_images, (self.recipe.batch_size,), generator=gen)
+
     def train_step(self, images: torch.Tensor, labels: torch.Tensor | None) -> dict[int, float] | None:
-        """One optimizer step; returns per-resolution losses, or None if the step was skipped (non-finite)."""
-        opts = self.options
+        """One optimizer step on a batch; returns per-resolution mean losses, or None if the step was
+        skipped (a non-finite loss or gradient)."""
+        recipe = self.recipe
+        batch = images.shape[0]
         self.denoiser.train()
-        loss, per_res = cascade_loss(self.denoiser, images, labels, self.config.resolutions, self.generator)
+        gen = step_generator(self.options.seed, self.step, "noise")
+        draws = draw_step(self.denoiser, batch, images.shape[1], self.config.resolutions, gen, recipe.augment_p)
+        augment_labels = None
+        if draws.augment is not None:
+            images, augment_labels = AugmentPipe.apply(images, draws.augment)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grads = [p.grad for p in self.denoiser.parameters() if p.grad is not None]
-        max_norm = opts.grad_clip if opts.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), max_norm)
-        if not torch.isfinite(loss) or not torch.isfinite(norm) or not grads:
-            self.skipped_steps += 1  # nan guard: never let one bad batch poison the weights
+        total, per_res = per_image_loss(
+            self.denoiser, images, labels, self.config.resolutions, draws, recipe.loss_weighting, augment_labels
+        )
+        (total.sum() / batch).backward()
+        params = [p for p in self.denoiser.parameters() if p.grad is not None]
+        finite = bool(torch.stack([p.grad.isfinite().all() for p in params]).all()) if params else False
+        if not finite:
+            # EDM zeroes non-finite gradient elements (nan_to_num) and steps anyway; a whole step is
+            # skipped here instead, so one bad batch never moves the weights at all.
+            self.skipped_steps += 1
             return None
+        if recipe.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        ramp = max(recipe.lr_rampup_kimg * 1000, 1)
         for group in self.optimizer.param_groups:
-            group["lr"] = opts.lr * min(1.0, (self.nimg - self.ramp_origin + 1) / max(opts.lr_rampup_kimg * 1000, 1))
+            group["lr"] = recipe.lr * min(1.0, (self.nimg - self.ramp_origin + 1) / ramp)
         self.optimizer.step()
         self.step += 1
-        self.nimg += images.shape[0]
-        halflife = opts.ema_halflife_kimg * 1000
-        if opts.ema_rampup_ratio:
-            halflife = min(halflife, self.nimg * opts.ema_rampup_ratio)
-        beta = 0.5 ** (images.shape[0] / max(halflife, 1e-8))
+        self.nimg += batch
+        halflife = recipe.ema_halflife_kimg * 1000
+        if recipe.ema_rampup_ratio:
+            halflife = min(halflife, self.nimg * recipe.ema_rampup_ratio)
+        beta = 0.5 ** (batch / max(halflife, 1e-8))
         with torch.no_grad():
             for p_ema, p in zip(self.ema.parameters(), self.denoiser.net.parameters()):
                 p_ema.lerp_(p.detach(), 1 - beta)
-        return per_res
+        return {r: float(v.detach().mean()) for r, v in per_res.items()}
 
     def fit(self, images: torch.Tensor, labels: torch.Tensor | None, log: TextIO = sys.stderr) -> bool:
         """Train to ``total_kimg``; returns True if stopped early by SIGINT/SIGTERM (after saving).
@@ -246,13 +350,13 @@ class Trainer:
         last_time = last_save = time.perf_counter()
         with _stop_signals() as stop:
             while self.nimg < total and not stop:
-                idx = torch.randint(0, n, (opts.batch_size,), generator=self.generator)
+                idx = self.batch_indices(self.step, n)
                 batch_labels = labels[idx] if labels is not None else None
                 per_res = self.train_step(images[idx], batch_labels)
                 now = time.perf_counter()
                 self.wall_seconds += now - last_time
                 last_time = now
-                window_images += opts.batch_size
+                window_images += len(idx)
                 if per_res is not None and self.step % opts.log_every == 0:
                     rate = window_images / max(now - window_start, 1e-9)
                     self._log_progress(per_res, total, rate, log)
@@ -267,7 +371,8 @@ class Trainer:
             self.save()
             if stop:
                 return True
-        save_png(sample_grid(self.ema_model()), self.run_dir / "grids" / "final.png")
+        if opts.grid_every:
+            save_png(sample_grid(self.ema_model()), self.run_dir / "grids" / "final.png")
         return False
 
     def _log_progress(self, per_res: dict[int, float], total: int, rate: float, log: TextIO) -> None:

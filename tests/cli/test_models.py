@@ -16,6 +16,24 @@ def test_models_json(capsys) -> None:
     assert all(s["gflops_per_evaluation"] > 0 for s in stages)
 
 
+def test_models_json_gives_preconditioning_and_recipe(capsys) -> None:
+    """The paper configs are EDMPrecond with EDM's recipe; fashion32 keeps the recipe it was trained with."""
+    assert main(["models", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert all(info["preconditioning"] in ("edm", "vp") for info in table.values())
+    paper = ("cifar10-cond", "cifar10-uncond", "cifar10-cond-2stage", "ffhq64", "ffhq64-2stage", "edm-cifar10-cond")
+    for name in paper:
+        info = table[name]
+        assert info["preconditioning"] == "edm", name
+        assert info["training"]["loss_weighting"] == "pixels" and info["training"]["grad_clip"] == 0, name
+        assert info["training"]["ema_halflife_kimg"] == 500 and info["training"]["lr_rampup_kimg"] == 10_000, name
+    cifar, ffhq = table["cifar10-cond"]["training"], table["ffhq64"]["training"]
+    assert (cifar["augment_p"], cifar["batch_size"], cifar["lr"]) == (0.12, 512, 1e-3)
+    assert (ffhq["augment_p"], ffhq["batch_size"], ffhq["lr"]) == (0.15, 256, 2e-4)  # EDM's FFHQ-64 recipe
+    small = table["fashion32"]["training"]
+    assert small["loss_weighting"] == "equal" and small["augment_p"] == 0 and small["batch_size"] == 64
+
+
 def test_the_readme_lists_every_built_in_config_with_its_parameters() -> None:
     from pathlib import Path
 

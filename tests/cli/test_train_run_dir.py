@@ -81,3 +81,18 @@ def test_fewer_classes_than_the_config_is_said(tmp_path: Path, capsys: pytest.Ca
     np.savez(data, images=rng.integers(0, 256, (12, 28, 28), dtype=np.uint8), labels=np.repeat(np.arange(3), 4))
     assert main(_train_argv(data, tmp_path / "run", "--kimg", "0.002")) == 0
     assert "has 3 classes, fashion32-2stage has 10" in capsys.readouterr().err
+
+
+def test_the_recipe_is_the_configs_flags_override_and_resume_keeps_them(tiny_data: Path, tmp_path: Path) -> None:
+    """Recipe flags default to the config's recipe; what a run used is in its checkpoint's config, and
+    --resume continues with it (here batch 2 and clipping at 0.5, not fashion32-2stage's 64 and 1)."""
+    run = tmp_path / "run"
+    assert main(_train_argv(tiny_data, run, "--kimg", "0.002", "--grad-clip", "0.5")) == 0
+    stored = torch.load(run / "checkpoint.pt", weights_only=True)["config"]["training"]
+    assert (stored["batch_size"], stored["grad_clip"], stored["loss_weighting"]) == (2, 0.5, "equal")
+    argv = ["train", "--config", "fashion32-2stage", "--data", str(tiny_data), "--run-dir", str(run), "--resume",
+            "--holdout-per-class", "1", "--grid-every", "0", "--threads", "1", "--kimg", "0.004"]  # fmt: skip
+    assert main(argv) == 0
+    payload = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert payload["train_state"]["step"] == 2 and payload["train_state"]["nimg"] == 4
+    assert payload["config"]["training"]["grad_clip"] == 0.5

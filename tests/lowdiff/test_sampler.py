@@ -7,7 +7,7 @@ import torch
 
 from lowdiff.errors import RequestError
 from lowdiff.model import LowDiffModel, TorchStage
-from lowdiff.sampler import FunctionStage, generate_images
+from lowdiff.sampler import FunctionStage, generate_images, initial_noise
 
 
 def test_image_does_not_depend_on_batch(tiny_model: LowDiffModel) -> None:
@@ -67,3 +67,19 @@ def test_class_label_validation(tiny_model: LowDiffModel) -> None:
     with pytest.raises(RequestError, match="required") as caught:
         tiny_model.generate([0], None)
     assert caught.value.field == "class_label"
+
+
+def test_starting_noise_is_drawn_as_edm_draws_it() -> None:
+    """One CPU generator per seed (seed mod 2³²), randn in float32 for each stage in turn, then float64:
+    a single-stage model's noise is exactly EDM generate.py's for the seed."""
+    from lowdiff.configs import get_config
+
+    noises = initial_noise([5, 2**32 + 5, 6], get_config("fashion32").schedule, 1)
+    gen = torch.Generator().manual_seed(5)
+    for noise, r in zip(noises, (8, 16, 32)):
+        assert noise.dtype == torch.float64 and noise.shape == (3, 1, r, r)
+        assert torch.equal(noise[0], torch.randn(1, r, r, generator=gen).double())
+        assert torch.equal(noise[1], noise[0])  # the seed wraps at 2³², as EDM's manual_seed(seed % (1 << 32))
+        assert not torch.equal(noise[2], noise[0])
+    (single,) = initial_noise([7], get_config("edm-fashion32").schedule, 1)
+    assert torch.equal(single[0], torch.randn([1, 32, 32], generator=torch.Generator().manual_seed(7)).double())

@@ -10,7 +10,17 @@ from typing import Any
 
 from lowdiff.cli.args import HelpFormatter, nonnegative_int, positive_float, positive_int, seed
 from lowdiff.data import DEFAULT_HOLDOUT_PER_CLASS
-from lowdiff.errors import DataError, SettingsError
+from lowdiff.errors import CheckpointError, DataError, LowDiffError, SettingsError
+
+
+def nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0, got {text}")
+    return value
 
 
 def register(sub: Any) -> None:
@@ -36,12 +46,35 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--kimg", type=positive_float, default=200.0, help="training images, thousands (200 ≈ hours on a CPU)"
     )
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images per optimizer step")
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
-    p.add_argument(
-        "--lr-rampup-kimg", type=float, default=10.0, help="linear learning-rate warm-up, thousands of images"
+    recipe = p.add_argument_group(
+        "recipe",
+        "default: the config's own training recipe (`lowdiff models --json`: \"training\"); EDM's for the "
+        "paper configs. What a run used is stored in its checkpoint's config.",
     )
-    p.add_argument("--ema-halflife-kimg", type=positive_float, default=20.0, help="EMA half-life, thousands of images")
+    recipe.add_argument("--batch-size", type=positive_int, default=None, help="images per optimizer step (global)")
+    recipe.add_argument("--lr", type=positive_float, default=None, help="Adam learning rate")
+    recipe.add_argument(
+        "--lr-rampup-kimg",
+        type=nonnegative_float,
+        default=None,
+        help="linear learning-rate warm-up, thousands of images",
+    )
+    recipe.add_argument(
+        "--ema-halflife-kimg", type=positive_float, default=None, help="EMA half-life, thousands of images"
+    )
+    recipe.add_argument("--grad-clip", type=nonnegative_float, default=None, help="gradient norm clip (0 = none)")
+    recipe.add_argument(
+        "--augment-p", type=nonnegative_float, default=None, help="EDM augmentation probability (0 = none)"
+    )
+    recipe.add_argument(
+        "--loss-weighting",
+        choices=("pixels", "equal"),
+        default=None,
+        help="per-resolution loss: summed over pixels as EDM (pixels), or each a mean over pixels (equal)",
+    )
+    recipe.add_argument(
+        "--preconditioning", choices=("edm", "vp"), default=None, help="EDM's EDMPrecond or VPPrecond form"
+    )
     p.add_argument("--seed", type=seed, default=0, help="seed of initialisation and data order")
     p.add_argument("--grid-every", type=nonnegative_int, default=1000, help="steps between sample grids (0 = never)")
     p.add_argument("--checkpoint-every", type=positive_int, default=250, help="steps between checkpoints")
@@ -87,6 +120,10 @@ def run(args: argparse.Namespace) -> None:
     from lowdiff.training import Trainer, TrainOptions
 
     config = load_config(args.config)
+    checkpoint = args.run_dir / "checkpoint.pt"
+    if args.resume and checkpoint.exists():
+        config = resumed_config(config, checkpoint)
+    config = configure(config, args)
     if args.keep_count and args.init_from is None:
         raise SettingsError("only with --init-from", "keep_count")
     images, labels = load_dataset(args.data)
@@ -114,16 +151,12 @@ def run(args: argparse.Namespace) -> None:
         if len(names) == config.num_classes and names != config.class_names:
             config = replace(config, class_names=names)  # saved in the checkpoint with the config
     options = TrainOptions(
-        batch_size=args.batch_size,
         total_kimg=args.kimg,
-        lr=args.lr,
         seed=args.seed,
         grid_every=args.grid_every,
         checkpoint_every=args.checkpoint_every,
         checkpoint_minutes=args.checkpoint_minutes,
         threads=args.threads,
-        ema_halflife_kimg=args.ema_halflife_kimg,
-        lr_rampup_kimg=args.lr_rampup_kimg,
     )
     trainer = Trainer(config, options, args.run_dir)
     if trainer.checkpoint_path.exists() and not (args.resume or args.overwrite):
@@ -160,6 +193,39 @@ def run(args: argparse.Namespace) -> None:
     if args.export:
         trainer.ema_model().save(args.export)
         print(f"EMA weights written to {args.export}", file=sys.stderr)
+
+
+RECIPE_FLAGS = ("batch_size", "lr", "lr_rampup_kimg", "ema_halflife_kimg", "grad_clip", "augment_p", "loss_weighting")
+
+
+def configure(config: Any, args: argparse.Namespace) -> Any:
+    """The config with the recipe flags that were given applied (the rest stay the config's)."""
+    from dataclasses import replace
+
+    from lowdiff.configs import ModelConfig
+
+    assert isinstance(config, ModelConfig)
+    changes = {name: getattr(args, name) for name in RECIPE_FLAGS if getattr(args, name) is not None}
+    if changes:
+        config = config.with_training(**changes)
+    if args.preconditioning is not None:
+        config = replace(config, preconditioning=args.preconditioning)
+    return config
+
+
+def resumed_config(config: Any, checkpoint: Path) -> Any:
+    """A resumed run continues with the recipe and preconditioning it was started with (flags still override)."""
+    from dataclasses import replace
+
+    from lowdiff.model import config_from_dict, read_checkpoint
+
+    try:
+        stored = config_from_dict(read_checkpoint(checkpoint).get("config"))
+    except LowDiffError as exc:
+        raise CheckpointError(f"{checkpoint}: {exc.message}", "run_dir") from None
+    if stored.network != config.network:
+        return config  # Trainer.resume names the mismatch
+    return replace(config, training=stored.training, preconditioning=stored.preconditioning)
 
 
 def run_export_ema(args: argparse.Namespace) -> None:
