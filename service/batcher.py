@@ -13,10 +13,11 @@ Determinism needs nothing from this module: the engine makes image i depend only
 
 Why the per-stage loop is not here: the cascade (stage order, Heun steps, hand-offs) belongs to the
 engine layer (:func:`lowdiff.sampler.run_cascade` and the engines' stage runners), and this module
-only sees "images in, images out". Batching each stage on its own later (new requests joining at a
-stage boundary) fits this shape: one queue per stage instead of one, a job carrying its hand-off
-tensor from stage to stage, and the batch function becoming the engine's per-stage runner;
-tickets, deadlines, cancellation and backpressure stay as they are.
+only sees "images in, images out". Batching each stage on its own (``--scheduler staged``) is
+:class:`lowdiff.service.staged.StagedBatcher`, a subclass: one queue per stage, a job carrying its
+hand-off state from stage to stage (the fields of :class:`ImageJob` after ``started``), the engine's
+per-stage entry point (``CascadeEngine.run_stage``); tickets, deadlines, cancellation and
+backpressure are this module's.
 """
 
 from __future__ import annotations

@@ -178,6 +178,44 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
+async def next_event(service: Service, ticket: Ticket, deadline: float) -> tuple[str, int, dict] | None:
+    """The ticket's next event in order, or None when waiting ended without one (engine failure,
+    shutdown, the deadline, or nothing but a spurious wake-up: :func:`stream_failure` tells)."""
+    assert ticket.events is not None
+    if not ticket.events.empty():
+        return ticket.events.get_nowait()
+    getter = asyncio.ensure_future(ticket.events.get())
+    aborted = asyncio.ensure_future(service.aborted.wait())
+    watch: set[asyncio.Future[Any]] = {getter, aborted}
+    if not ticket.future.done():
+        watch.add(ticket.future)
+    try:
+        await asyncio.wait(watch, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        aborted.cancel()
+        if not getter.done():
+            getter.cancel()  # a cancelled Queue.get loses no item
+    if getter.done() and not getter.cancelled():
+        return getter.result()
+    return None
+
+
+def stream_failure(
+    service: Service, batcher: Batcher, ticket: Ticket, deadline: float, timeout: float
+) -> dict[str, Any] | None:
+    """Why a stream must end early, as its ``error`` event's data (the ticket cancelled), or None."""
+    if service.aborted.is_set():
+        batcher.cancel(ticket, "shutdown")
+        return {"status": 503, "error": "server is shutting down", "field": None}
+    future = ticket.future
+    if future.done() and not future.cancelled() and future.exception() is not None:
+        return {"status": 500, "error": f"engine failed: {future.exception()}", "field": None}
+    if time.monotonic() >= deadline:
+        batcher.cancel(ticket, "deadline")
+        return {"status": 504, "error": f"timeout_s: not done within {timeout:g} s", "field": "timeout_s"}
+    return None
+
+
 async def stream_events(
     service: Service,
     batcher: Batcher,
@@ -192,48 +230,21 @@ async def stream_events(
     """The events of one ``/generate/stream`` request. The client going away cancels this generator
     (Starlette does so on ``http.disconnect``): its ``finally`` cancels the ticket, so queued images are
     dropped and started ones stop at their next stage boundary."""
-    assert ticket.events is not None
     deadline = accepted + timeout
     remaining = len(seeds)
+    service.in_flight += 1
+    service.metrics.in_flight.inc()
     try:
         while remaining:
-            if ticket.events.empty():
-                getter = asyncio.ensure_future(ticket.events.get())
-                aborted = asyncio.ensure_future(service.aborted.wait())
-                watch: set[asyncio.Future[Any]] = {getter, aborted}
-                if not ticket.future.done():
-                    watch.add(ticket.future)
-                try:
-                    await asyncio.wait(
-                        watch, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
-                    )
-                finally:
-                    aborted.cancel()
-                    if not getter.done():
-                        getter.cancel()
-                if getter.done() and not getter.cancelled():
-                    ticket.events.put_nowait(getter.result())  # back in order: it is the queue's head
-                    continue
-                if service.aborted.is_set():
-                    batcher.cancel(ticket, "shutdown")
-                    yield sse("error", {"status": 503, "error": "server is shutting down", "field": None})
-                    return
-                if ticket.future.done() and not ticket.future.cancelled() and ticket.future.exception() is not None:
-                    yield sse(
-                        "error", {"status": 500, "error": f"engine failed: {ticket.future.exception()}", "field": None}
-                    )
-                    return
-                if time.monotonic() >= deadline:
-                    batcher.cancel(ticket, "deadline")
-                    yield sse(
-                        "error",
-                        {"status": 504, "error": f"timeout_s: not done within {timeout:g} s", "field": "timeout_s"},
-                    )
+            event = await next_event(service, ticket, deadline)
+            if event is None:
+                failure = stream_failure(service, batcher, ticket, deadline, timeout)
+                if failure is not None:
+                    yield sse("error", failure)
                     return
                 continue
-            kind, index, payload = ticket.events.get_nowait()
-            image = payload["image"]
-            png = base64.b64encode(png_bytes(image)).decode("ascii")
+            kind, index, payload = event
+            png = base64.b64encode(png_bytes(payload["image"])).decode("ascii")
             if kind == "preview":
                 item = {"index": index, "seed": seeds[index], "class_label": label, "resolution": payload["resolution"],
                         "sigma": payload["sigma"], "png_base64": png}  # fmt: skip
@@ -385,8 +396,6 @@ def add_routes(app: FastAPI, service: Service) -> None:
             raise APIError(429, "queue full, retry later", None, {"Retry-After": str(exc.retry_after_s)}) from None
         assert service.engine_info is not None
         model_name = service.engine_info.model
-        service.in_flight += 1
-        service.metrics.in_flight.inc()
         return StreamingResponse(
             stream_events(service, batcher, ticket, seeds, label, name, model_name, accepted, timeout),
             media_type="text/event-stream",

@@ -185,6 +185,29 @@ def test_cancelled_request_skips_its_remaining_stages(tiny_fast_model) -> None:
     assert metrics.stage_images_abandoned.labels("16")._value.get() == 2
 
 
+def test_a_request_past_its_deadline_stops_at_the_next_stage(tiny_fast_model) -> None:
+    engine = Recording(load_engine(tiny_fast_model(), "torch"))
+    metrics = ServiceMetrics()
+
+    async def scenario():
+        batcher = StagedBatcher(engine, ThreadPoolExecutor(1), metrics, RES, {8: 4, 16: 4, 32: 4}, 0.0, 64)
+        batcher.start()
+        engine.hold.clear()
+        late = batcher.submit([7], [0], deadline=time.monotonic() + 0.2)
+        await _wait(engine.started)
+        await asyncio.sleep(0.3)  # its first stage outlives its deadline
+        engine.hold.set()
+        on_time = batcher.submit([8], [0], deadline=time.monotonic() + 300)
+        await on_time.future
+        await batcher.close()
+        return late
+
+    late = asyncio.run(scenario())
+    assert late.cancelled == "deadline"
+    assert engine.stages == [(0, 1), (0, 1), (1, 1), (2, 1)]  # the late image never ran stage 16 or 32
+    assert metrics.stage_images_abandoned.labels("16")._value.get() == 1
+
+
 def test_stage_limits_parse_and_defaults() -> None:
     assert parse_stage_limits("8=512, 16=256,32=64") == {8: 512, 16: 256, 32: 64}
     for bad in ("8", "8=0", "x=3", "8=2,,=4", ""):

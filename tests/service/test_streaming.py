@@ -91,3 +91,17 @@ def test_disconnect_cancels_the_remaining_work(fake_engine, live, wait_until, me
         engine.gate.set()
         time.sleep(0.2)
         assert not any(engine.ran(s) for s in (41, 42, 43))
+
+
+def test_failures_after_the_stream_began_are_error_events(fake_engine, live) -> None:
+    engine = fake_engine()
+    engine.fail_seeds = {60}
+    with live(engine, max_queue=16) as srv, srv.wait_ready().client() as c:
+        events = parse_sse(c.post("/generate/stream", json={"class_label": 1, "seed": 60}).text)
+        assert [k for k, _ in events] == ["error"]
+        assert events[0][1]["status"] == 500 and "injected engine failure" in events[0][1]["error"]
+        engine.gate.clear()  # nothing finishes: the deadline ends the stream
+        events = parse_sse(c.post("/generate/stream", json={"class_label": 1, "seed": 70, "timeout_s": 0.3}).text)
+        engine.gate.set()
+        assert events == [("error", {"status": 504, "error": "timeout_s: not done within 0.3 s", "field": "timeout_s"})]
+        assert srv.service.in_flight == 0
