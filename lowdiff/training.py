@@ -15,31 +15,44 @@ full-resolution image before the resolutions are cut from it, and its labels go 
 Randomness: every random draw of step k (which images, σ, noise, augmentation) comes from generators
 seeded by (seed, k) alone, drawn for the whole batch at once. A step therefore depends only on the
 weights and the step number, which is what makes a resumed run continue exactly.
+
+Many devices (``torchrun … -m lowdiff train``): data-parallel with torch.distributed (DDP). Every rank
+draws the same global batch of indices and the same global draws, takes its own slice of both, and
+DDP averages the gradients of per-rank losses scaled so that the sum is the global batch's mean: the
+step is the single-process step on the same global batch, whatever the number of ranks or of
+gradient-accumulation rounds (``batch_gpu``), up to floating-point summation order (and dropout, whose
+masks come from each rank's own generator). Only rank 0 logs, writes grids and checkpoints; the
+checkpoint holds global counts only, so a run resumes on any number of ranks.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import signal
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from lowdiff.augment import AUGMENT_LABELS, AugmentPipe
 from lowdiff.configs import LossWeighting, ModelConfig
-from lowdiff.errors import CheckpointError, ConfigError
+from lowdiff.errors import CheckpointError, ConfigError, SettingsError
 from lowdiff.imaging import save_png, tile
 from lowdiff.model import (
     CHECKPOINT_FORMAT,
     LowDiffModel,
+    TorchStage,
     atomic_torch_save,
     config_from_dict,
     config_to_dict,
@@ -47,7 +60,8 @@ from lowdiff.model import (
     read_checkpoint,
 )
 from lowdiff.precond import Denoiser
-from lowdiff.sampler import upsample_condition
+from lowdiff.requests import check_class_labels, labels_tensor
+from lowdiff.sampler import FunctionStage, generate_images, upsample_condition
 
 
 @dataclass
@@ -61,6 +75,57 @@ class TrainOptions:
     checkpoint_minutes: float = 10.0  # also save after this much wall time since the last save
     grid_every: int = 1000  # steps; 0 = never
     threads: int = 0  # 0 = torch's default
+    device: str = "cpu"  # "cpu" or "cuda" (under torchrun: this rank's cuda:LOCAL_RANK)
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast; weights, optimizer and EMA stay fp32)
+    batch_gpu: int = 0  # images per forward/backward on one device (EDM's batch_gpu); 0 = the rank's whole share
+    workers: int = 0  # DataLoader worker processes
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a data-parallel run (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> Distributed:
+        """What torchrun (or any launcher following its convention) put in the environment."""
+        try:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            rank = int(os.environ.get("RANK", "0"))
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+        except ValueError:
+            raise SettingsError("WORLD_SIZE, RANK and LOCAL_RANK must be integers", None) from None
+        if world < 1 or not 0 <= rank < world:
+            raise SettingsError(f"RANK {rank} outside WORLD_SIZE {world}", None)
+        return cls(rank, world, local)
+
+    def device(self, kind: str) -> torch.device:
+        if kind == "cuda":
+            if not torch.cuda.is_available():
+                raise SettingsError("CUDA is not available on this machine", "device")
+            return torch.device("cuda", self.local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+
+    def start(self, device: torch.device) -> None:
+        """Join the process group (NCCL on GPUs, gloo on CPUs); torchrun provides the rendezvous."""
+        if self.world > 1 and not dist.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    def stop(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def downsample(x: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -172,38 +237,130 @@ def cascade_loss(
     return total.mean(), {r: float(v.detach().mean()) for r, v in per_res.items()}
 
 
-def sample_grid(model: LowDiffModel, rows: int = 10, cols: int = 10, seed0: int = 0) -> torch.Tensor:
-    """A uint8 grid [C, rows·R, cols·R]: one row per class (or just seeds for unconditional models)."""
+def sample_grid(
+    model: LowDiffModel, rows: int = 10, cols: int = 10, seed0: int = 0, device: torch.device | None = None
+) -> torch.Tensor:
+    """A uint8 grid [C, rows·R, cols·R]: one row per class (or just seeds for unconditional models).
+
+    With ``device`` the sampler runs there (a GPU run's grids take seconds, not CPU minutes); the images
+    are the same as on the CPU up to the device's arithmetic."""
     seeds = [seed0 + i for i in range(rows * cols)]
     labels = [i // cols % max(model.config.num_classes, 1) for i in range(rows * cols)]
-    images = model.generate(seeds, labels if model.config.conditional else None)
+    if device is None or device.type == "cpu":
+        images = model.generate(seeds, labels if model.config.conditional else None)
+    else:
+        checked = labels_tensor(
+            check_class_labels(model.config, labels if model.config.conditional else None, len(seeds))
+        )
+        denoiser = model.denoiser.to(device)
+        runners = {r: FunctionStage(TorchStage(denoiser, r, device), device) for r in model.config.resolutions}
+        images = generate_images(model.schedule, runners, seeds, checked, model.config.network.img_channels)
     return tile(images, rows, cols)
 
 
-class Trainer:
-    """Owns the network, its EMA, the optimizer and the run directory; resumable."""
+class _StepLoss(nn.Module):
+    """The cascade loss of a batch as one module call, so DDP sees one forward per backward."""
 
-    def __init__(self, config: ModelConfig, options: TrainOptions, run_dir: Path):
+    def __init__(self, denoiser: Denoiser, resolutions: tuple[int, ...], weighting: LossWeighting):
+        super().__init__()
+        self.denoiser = denoiser
+        self.resolutions = resolutions
+        self.weighting = weighting
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None,
+        draws: StepDraws,
+        augment_labels: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        return per_image_loss(self.denoiser, images, labels, self.resolutions, draws, self.weighting, augment_labels)
+
+
+class _StepBatches(torch.utils.data.Sampler[list[int]]):
+    """Endless batches of indices for one rank: step k's global batch is drawn from (seed, k) alone,
+    and this rank gets its contiguous slice of it."""
+
+    def __init__(self, trainer: Trainer, num_images: int, start: int):
+        super().__init__()
+        self.seed, self.batch = trainer.options.seed, trainer.recipe.batch_size
+        self.num_images, self.start = num_images, start
+        self.share, self.offset = trainer.share, trainer.offset
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start
+        while True:
+            gen = step_generator(self.seed, step, "data")
+            idx = torch.randint(0, self.num_images, (self.batch,), generator=gen)
+            yield idx[self.offset : self.offset + self.share].tolist()
+            step += 1
+
+
+class _Images(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None):
+        self.images = images
+        self.labels = labels if labels is not None else torch.zeros(len(images), dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i], self.labels[i]
+
+
+class Trainer:
+    """Owns the network, its EMA, the optimizer and the run directory; resumable, on any number of ranks."""
+
+    def __init__(
+        self, config: ModelConfig, options: TrainOptions, run_dir: Path, distributed: Distributed | None = None
+    ):
         self.config = config
         self.recipe = config.training
         self.options = options
         self.run_dir = run_dir
+        self.dist = distributed or Distributed()
         if self.recipe.augment_p > 0 and config.network.augment_dim != AUGMENT_LABELS:
             raise ConfigError(
                 f"augmentation needs a network with {AUGMENT_LABELS} augment labels; "
                 f"{config.name}'s augment_dim is {config.network.augment_dim}",
                 "augment_p",
             )
-        torch.manual_seed(options.seed)
+        if options.precision not in PRECISIONS:
+            raise SettingsError(f"expected one of {', '.join(PRECISIONS)}, got {options.precision!r}", "precision")
+        world = self.dist.world
+        if self.recipe.batch_size % world:
+            raise SettingsError(
+                f"the batch of {self.recipe.batch_size} does not split evenly over {world} processes", "batch_size"
+            )
+        self.share = self.recipe.batch_size // world  # this rank's images per step
+        self.offset = self.dist.rank * self.share
+        self.batch_gpu = options.batch_gpu or self.share
+        if self.share % self.batch_gpu:
+            raise SettingsError(
+                f"each process's {self.share} images per step do not split into rounds of {self.batch_gpu}", "batch_gpu"
+            )
+        self.device = self.dist.device(options.device)
+        torch.manual_seed(options.seed)  # the same initial weights on every rank
         self.model = LowDiffModel(config)
-        self.denoiser = self.model.denoiser
+        self.denoiser = self.model.denoiser.to(self.device)
         self.ema = copy.deepcopy(self.denoiser.net).eval().requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.denoiser.parameters(), lr=self.recipe.lr, betas=(0.9, 0.999), eps=1e-8)
+        torch.manual_seed(options.seed + self.dist.rank)  # dropout masks: each rank its own
+        self.loss = _StepLoss(self.denoiser, config.resolutions, self.recipe.loss_weighting)
+        self.loss_ddp: nn.Module = self.loss
+        if world > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.loss_ddp = DistributedDataParallel(self.loss, device_ids=device_ids)
         self.step = 0
         self.nimg = 0
         self.skipped_steps = 0
         self.wall_seconds = 0.0
         self.ramp_origin = 0  # nimg at which the learning-rate ramp-up (re)starts
+
+    @property
+    def iteration(self) -> int:
+        """Steps attempted (taken + skipped): what a step's draws are keyed by."""
+        return self.step + self.skipped_steps
 
     @property
     def checkpoint_path(self) -> Path:
@@ -243,6 +400,7 @@ class Trainer:
 
     def resume(self) -> bool:
         if not self.checkpoint_path.exists():
+            self._check_same_state()
             return False
         payload = read_checkpoint(self.checkpoint_path)
         if config_from_dict(payload["config"]).network != self.config.network:
@@ -259,7 +417,25 @@ class Trainer:
             raise CheckpointError(
                 f"{self.checkpoint_path}: not a resumable training checkpoint ({type(exc).__name__})", "run_dir"
             ) from None
+        self._check_same_state()
         return True
+
+    def _check_same_state(self) -> None:
+        """Every rank must have resumed the same step (the run folder on storage every node shares)."""
+        if self.dist.world == 1:
+            return
+        counts = torch.tensor([self.iteration, -self.iteration], dtype=torch.int64, device=self._collective_device)
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        if int(counts[0]) != -int(counts[1]):
+            raise CheckpointError(
+                f"the processes resumed from different steps ({-int(counts[1])}…{int(counts[0])}): "
+                "the run folder must be on storage that every node shares",
+                "run_dir",
+            )
+
+    @property
+    def _collective_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     def init_from(self, path: Path, keep_count: bool = False) -> None:
         """Warm start: network and EMA from a checkpoint's weights (EMA if it has one); fresh optimizer.
@@ -285,31 +461,47 @@ class Trainer:
 
     def ema_model(self) -> LowDiffModel:
         model = LowDiffModel(self.config)
-        model.denoiser.net.load_state_dict(self.ema.state_dict())
+        model.denoiser.net.load_state_dict({k: v.cpu() for k, v in self.ema.state_dict().items()})
         model.metadata = self.metadata()
         return model
 
-    def batch_indices(self, step: int, num_images: int) -> torch.Tensor:
-        """The global batch of ``step``: ``batch_size`` indices into the training set, with replacement."""
-        gen = step_generator(self.options.seed, step, "data")
-        return torch.randint(0, num_images, (self.recipe.batch_size,), generator=gen)
-
     def train_step(self, images: torch.Tensor, labels: torch.Tensor | None) -> dict[int, float] | None:
-        """One optimizer step on a batch; returns per-resolution mean losses, or None if the step was
-        skipped (a non-finite loss or gradient)."""
-        recipe = self.recipe
-        batch = images.shape[0]
+        """One optimizer step on this rank's share of the global batch (the whole batch in one process).
+
+        Returns the per-resolution mean losses of this rank's images, or None if the step was skipped (a
+        non-finite gradient, the same decision on every rank since gradients are all-reduced)."""
+        recipe, device = self.recipe, self.device
+        share = images.shape[0]
+        batch = share * self.dist.world
         self.denoiser.train()
-        gen = step_generator(self.options.seed, self.step, "noise")
+        gen = step_generator(self.options.seed, self.iteration, "noise", device)
         draws = draw_step(self.denoiser, batch, images.shape[1], self.config.resolutions, gen, recipe.augment_p)
-        augment_labels = None
-        if draws.augment is not None:
-            images, augment_labels = AugmentPipe.apply(images, draws.augment)
+        draws = draws.slice(self.offset, self.offset + share) if self.dist.world > 1 else draws
+        images = images.to(device, non_blocking=True)
+        labels = None if labels is None else labels.to(device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        total, per_res = per_image_loss(
-            self.denoiser, images, labels, self.config.resolutions, draws, recipe.loss_weighting, augment_labels
-        )
-        (total.sum() / batch).backward()
+        rounds = max(share // self.batch_gpu, 1)
+        sums: dict[int, torch.Tensor] = {}
+        for k in range(rounds):
+            part = slice(k * share // rounds, (k + 1) * share // rounds)
+            x, y = images[part], None if labels is None else labels[part]
+            d = draws.slice(part.start, part.stop)
+            augment_labels = None
+            if d.augment is not None:
+                x, augment_labels = AugmentPipe.apply(x, d.augment)
+            elif self.config.network.augment_dim:  # zeros = "not augmented"; keeps map_augment in DDP's graph
+                augment_labels = torch.zeros(x.shape[0], self.config.network.augment_dim, device=device)
+            last = k == rounds - 1
+            sync = nullcontext() if last or self.loss_ddp is self.loss else self.loss_ddp.no_sync()
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.options.precision == "bf16")
+            with sync:
+                with autocast:
+                    total, per_res = self.loss_ddp(x, y, d, augment_labels)
+                # DDP averages over ranks, so each rank's sum is scaled by world/batch: the gradient is
+                # that of the global batch's mean loss.
+                (total.float().sum() * (self.dist.world / batch)).backward()
+            for r, v in per_res.items():
+                sums[r] = sums.get(r, 0) + v.detach().float().sum()
         params = [p for p in self.denoiser.parameters() if p.grad is not None]
         finite = bool(torch.stack([p.grad.isfinite().all() for p in params]).all()) if params else False
         if not finite:
@@ -332,48 +524,81 @@ class Trainer:
         with torch.no_grad():
             for p_ema, p in zip(self.ema.parameters(), self.denoiser.net.parameters()):
                 p_ema.lerp_(p.detach(), 1 - beta)
-        return {r: float(v.detach().mean()) for r, v in per_res.items()}
+        return {r: float(v) / share for r, v in sums.items()}
 
-    def fit(self, images: torch.Tensor, labels: torch.Tensor | None, log: TextIO = sys.stderr) -> bool:
+    def loader(self, images: torch.Tensor, labels: torch.Tensor | None) -> torch.utils.data.DataLoader:
+        """This rank's batches from the step being resumed on: workers and pinned memory on a GPU."""
+        workers = self.options.workers
+        return torch.utils.data.DataLoader(
+            _Images(images, labels),
+            batch_sampler=_StepBatches(self, len(images), self.iteration),
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0,
+        )
+
+    def fit(self, images: torch.Tensor, labels: torch.Tensor | None, log: TextIO | None = sys.stderr) -> bool:
         """Train to ``total_kimg``; returns True if stopped early by SIGINT/SIGTERM (after saving).
 
-        The checkpoint is written atomically every ``checkpoint_every`` steps, every
+        The checkpoint is written atomically (rank 0) every ``checkpoint_every`` steps, every
         ``checkpoint_minutes`` of wall time, at the end, and on a stop signal, so an interrupted run
-        loses at most the step in progress."""
+        loses at most the step in progress. A signal on any rank stops every rank after the same step."""
         opts = self.options
+        main = self.dist.main
+        log = log if main else None
         if opts.threads:
             torch.set_num_threads(opts.threads)
         total = int(opts.total_kimg * 1000)
-        n = images.shape[0]
-        (self.run_dir / "grids").mkdir(parents=True, exist_ok=True)
+        if main and opts.grid_every:
+            (self.run_dir / "grids").mkdir(parents=True, exist_ok=True)
         window_start, window_images = time.perf_counter(), 0
         last_time = last_save = time.perf_counter()
+        batches = iter(self.loader(images, labels))
+        stopping = False
         with _stop_signals() as stop:
-            while self.nimg < total and not stop:
-                idx = self.batch_indices(self.step, n)
-                batch_labels = labels[idx] if labels is not None else None
-                per_res = self.train_step(images[idx], batch_labels)
+            while self.nimg < total and not stopping:
+                batch_images, batch_labels = next(batches)
+                per_res = self.train_step(batch_images, batch_labels if labels is not None else None)
                 now = time.perf_counter()
                 self.wall_seconds += now - last_time
                 last_time = now
-                window_images += len(idx)
+                window_images += self.recipe.batch_size
+                stopping = self._agree(bool(stop))
                 if per_res is not None and self.step % opts.log_every == 0:
-                    rate = window_images / max(now - window_start, 1e-9)
-                    self._log_progress(per_res, total, rate, log)
+                    per_res = self._mean_over_ranks(per_res)
+                    if log is not None:
+                        self._log_progress(per_res, total, window_images / max(now - window_start, 1e-9), log)
                     window_start, window_images = now, 0
                 due = self.step and self.step % opts.checkpoint_every == 0
-                if due or now - last_save > opts.checkpoint_minutes * 60:
+                if main and (due or now - last_save > opts.checkpoint_minutes * 60):
                     self.save()
                     last_save = time.perf_counter()
-                if opts.grid_every and self.step and self.step % opts.grid_every == 0:
-                    save_png(sample_grid(self.ema_model()), self.run_dir / "grids" / f"step{self.step:07d}.png")
+                if main and opts.grid_every and self.step and self.step % opts.grid_every == 0:
+                    grid = sample_grid(self.ema_model(), device=self.device)
+                    save_png(grid, self.run_dir / "grids" / f"step{self.step:07d}.png")
                     last_time = time.perf_counter()  # grid time is not training time
-            self.save()
-            if stop:
+            if main:
+                self.save()
+            if stopping:
                 return True
-        if opts.grid_every:
-            save_png(sample_grid(self.ema_model()), self.run_dir / "grids" / "final.png")
+        if main and opts.grid_every:
+            save_png(sample_grid(self.ema_model(), device=self.device), self.run_dir / "grids" / "final.png")
         return False
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank if it is True on any (one all-reduce per step; nothing in one process)."""
+        if self.dist.world == 1:
+            return flag
+        t = torch.tensor([int(flag)], device=self._collective_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _mean_over_ranks(self, per_res: dict[int, float]) -> dict[int, float]:
+        if self.dist.world == 1:
+            return per_res
+        t = torch.tensor(list(per_res.values()), dtype=torch.float64, device=self._collective_device)
+        dist.all_reduce(t)
+        return {r: float(v) / self.dist.world for r, v in zip(per_res, t)}
 
     def _log_progress(self, per_res: dict[int, float], total: int, rate: float, log: TextIO) -> None:
         eta = (total - self.nimg) / max(rate, 1e-9)

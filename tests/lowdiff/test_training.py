@@ -182,3 +182,19 @@ def test_augmentation_needs_augment_labels(tiny_config) -> None:
     with pytest.raises(ConfigError, match="augment") as caught:
         tiny_config().with_training(augment_p=0.12)
     assert caught.value.field == "augment_p"
+
+
+def test_bf16_autocast_keeps_fp32_master_weights(tiny_config, tmp_path: Path) -> None:
+    config = tiny_config().with_training(batch_size=4, lr_rampup_kimg=0.0)
+    trainer = Trainer(config, TrainOptions(precision="bf16"), tmp_path)
+    seen: list[torch.dtype] = []
+    block = next(iter(trainer.denoiser.net.encoder.values()))  # a U-Net block, run by every stage
+    block.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    x, y = _toy_data(4)
+    before = [p.clone() for p in trainer.denoiser.parameters()]
+    losses = trainer.train_step(x, y)
+    assert losses is not None and all(v == v for v in losses.values())  # finite, not NaN
+    assert torch.bfloat16 in seen  # the forward ran in bf16
+    assert all(p.dtype == torch.float32 for p in trainer.denoiser.parameters())
+    assert all(p.dtype == torch.float32 for p in trainer.ema.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.denoiser.parameters()))

@@ -80,6 +80,30 @@ def register(sub: Any) -> None:
     p.add_argument("--checkpoint-every", type=positive_int, default=250, help="steps between checkpoints")
     p.add_argument("--checkpoint-minutes", type=positive_float, default=10.0, help="minutes between checkpoints")
     p.add_argument("--threads", type=nonnegative_int, default=0, help="torch CPU threads (0 = torch's default)")
+    hw = p.add_argument_group(
+        "devices",
+        "Many GPUs or machines: start this command under torchrun (`torchrun --nproc_per_node N -m lowdiff train "
+        "…`); --batch-size stays the global batch, split over the processes.",
+    )
+    hw.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda when a GPU is visible"
+    )
+    hw.add_argument(
+        "--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast, fp32 weights and optimizer"
+    )
+    hw.add_argument(
+        "--batch-gpu",
+        type=nonnegative_int,
+        default=0,
+        help="images per forward/backward on one device; smaller than the per-process batch = gradient "
+        "accumulation (0 = the whole per-process batch)",
+    )
+    hw.add_argument(
+        "--workers",
+        type=nonnegative_int,
+        default=None,
+        help="DataLoader worker processes (default: 2 on a GPU, else 0)",
+    )
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     group.add_argument("--overwrite", action="store_true", help="start afresh even if RUN_DIR holds a checkpoint")
@@ -115,6 +139,22 @@ def register_export_ema(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    """One process of a run: alone, or one rank of ``torchrun … -m lowdiff train`` (only rank 0 prints)."""
+    import contextlib
+    import io
+
+    from lowdiff.training import Distributed
+
+    distributed = Distributed.from_env()
+    quiet = contextlib.redirect_stderr(io.StringIO()) if not distributed.main else contextlib.nullcontext()
+    try:
+        with quiet:
+            _train(args, distributed)
+    finally:
+        distributed.stop()
+
+
+def _train(args: argparse.Namespace, distributed: Any) -> None:
     from lowdiff.data import holdout_split, image_folder_classes, load_dataset, prepare_images
     from lowdiff.model import load_config
     from lowdiff.training import Trainer, TrainOptions
@@ -157,8 +197,13 @@ def run(args: argparse.Namespace) -> None:
         checkpoint_every=args.checkpoint_every,
         checkpoint_minutes=args.checkpoint_minutes,
         threads=args.threads,
+        device=resolve_device(args.device),
+        precision=args.precision,
+        batch_gpu=args.batch_gpu,
+        workers=args.workers if args.workers is not None else (2 if resolve_device(args.device) == "cuda" else 0),
     )
-    trainer = Trainer(config, options, args.run_dir)
+    distributed.start(distributed.device(options.device))
+    trainer = Trainer(config, options, args.run_dir, distributed)
     if trainer.checkpoint_path.exists() and not (args.resume or args.overwrite):
         raise SettingsError(
             f"{args.run_dir} already holds a training checkpoint; pass --resume to continue it or --overwrite "
@@ -181,7 +226,13 @@ def run(args: argparse.Namespace) -> None:
             f"{len(start.fresh)} resolution-specific ones fresh",
             file=sys.stderr,
         )
-    print(f"training {config.name} on {len(x)} images from {args.data} into {args.run_dir}", file=sys.stderr)
+    where = f"{distributed.world} processes on {options.device}" if distributed.world > 1 else options.device
+    print(
+        f"training {config.name} on {len(x)} images from {args.data} into {args.run_dir} ({where}, "
+        f"{options.precision}, batch {config.training.batch_size} = {distributed.world} process(es) × "
+        f"{trainer.share // trainer.batch_gpu} round(s) × {trainer.batch_gpu})",
+        file=sys.stderr,
+    )
     interrupted = trainer.fit(x, y, log=sys.stderr)
     print(
         f"{'interrupted' if interrupted else 'done'} at step {trainer.step} ({trainer.nimg / 1000:.1f} kimg); "
@@ -190,9 +241,17 @@ def run(args: argparse.Namespace) -> None:
     )
     if interrupted:
         raise SystemExit(130)
-    if args.export:
+    if args.export and distributed.main:
         trainer.ema_model().save(args.export)
         print(f"EMA weights written to {args.export}", file=sys.stderr)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 RECIPE_FLAGS = ("batch_size", "lr", "lr_rampup_kimg", "ema_halflife_kimg", "grad_clip", "augment_p", "loss_weighting")
