@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -59,6 +60,8 @@ from lowdiff.progress import Progress  # noqa: E402
 from lowdiff.schedule import CascadeSchedule, StageSchedule  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+EDM_STEP_SWEEP = (16, 14, 13, 12, 11, 10, 9, 8, 7)  # Heun steps N (NFE 2N − 1) besides the baseline's 18
+SPEEDUP_TARGET = 1.5  # the paper's claim: comparable quality at ≥ 1.5× EDM's throughput
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,9 @@ def sweep_points(lowdiff: CascadeSchedule, edm: CascadeSchedule) -> list[Point]:
     )  # fmt: skip
     (edm_stage,) = edm.stages
     points.append(Point("edm-35", "EDM", "edm", edm, True, "EDM baseline, the paper's NFE 35"))
-    for n in (13, 10, 8):
+    # Fine enough to draw EDM's FD-vs-throughput curve, so that every LowDiff point can be read
+    # against EDM at equal throughput (interpolated, :func:`edm_at_equal_throughput`).
+    for n in EDM_STEP_SWEEP:
         points.append(
             Point(f"edm-{2 * n - 1}", "EDM", "edm", edm.with_stage(edm_stage.resolution, num_steps=n), False,
                   f"EDM with fewer steps: N={n}")
@@ -130,21 +135,29 @@ def sweep_points(lowdiff: CascadeSchedule, edm: CascadeSchedule) -> list[Point]:
     return points
 
 
-def cache_name(point: Point, model: LowDiffModel) -> str:
-    """Samples are keyed by point, weights and schedule, so that no change reuses stale images."""
+def cache_name(point: Point, model: LowDiffModel, seed0: int = 0) -> str:
+    """Samples are keyed by point, weights, schedule and first seed, so that no change reuses stale images."""
     weights = (model.metadata.get("checkpoint_sha256") or "random")[:12]
     schedule = hashlib.sha256(json.dumps(point.schedule.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
-    return f"{point.name}-{weights}-{schedule}.npz"
+    seeds = f"-s{seed0}" if seed0 else ""
+    return f"{point.name}-{weights}-{schedule}{seeds}.npz"
 
 
 def cached_samples(
-    point: Point, model: LowDiffModel, count: int, cache: Path, chunk: int = 640, log: TextIO | None = sys.stderr
+    point: Point,
+    model: LowDiffModel,
+    count: int,
+    cache: Path,
+    chunk: int = 640,
+    log: TextIO | None = sys.stderr,
+    seed0: int = 0,
 ) -> np.ndarray:
-    """uint8 [count, C, R, R] for seeds 0…count−1 (class = seed mod K; batches of 64), cached in ``cache``.
+    """uint8 [count, C, R, R] for seeds seed0…seed0+count−1 (image i has class i mod K; batches of 64),
+    cached in ``cache``.
 
     Image i depends only on (class, seed), so a cache is extended by generating just the missing
     seeds; it is saved every ``chunk`` images, so an interrupted run loses at most one chunk."""
-    path = cache / cache_name(point, model)
+    path = cache / cache_name(point, model, seed0)
     images = np.load(path)["images"] if path.is_file() else None
     done = 0 if images is None else len(images)
     if done >= count:
@@ -156,8 +169,9 @@ def cached_samples(
         end = min(begin + chunk, count)
         batches = []
         for first in range(begin, end, 64):
-            seeds = list(range(first, min(first + 64, end)))
-            labels = [seed % classes for seed in seeds] if model.config.conditional else None
+            index = list(range(first, min(first + 64, end)))
+            seeds = [seed0 + i for i in index]
+            labels = [i % classes for i in index] if model.config.conditional else None
             batches.append(runnable.generate(seeds, labels).numpy())
             progress.update(len(seeds))
         images = np.concatenate(batches if images is None else [images, *batches])
@@ -192,14 +206,64 @@ def gflops_per_image(model: LowDiffModel, schedule: CascadeSchedule) -> float:
     return sum(stage_gflops(denoiser, model.config, s.resolution) * s.nfe for s in schedule.stages)
 
 
+def edm_at_equal_throughput(throughput: float, edm_points: list[dict[str, Any]]) -> float | None:
+    """EDM's sweep FD at ``throughput``, linearly interpolated between the two EDM points around it;
+    None outside the EDM curve's throughput range (no extrapolation)."""
+    curve = sorted((p["throughput_img_s"], p["sweep"]["fd"]) for p in edm_points)
+    for (x0, y0), (x1, y1) in itertools.pairwise(curve):
+        if x0 <= throughput <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (throughput - x0) / (x1 - x0)
+    if len(curve) == 1 and curve[0][0] == throughput:
+        return curve[0][1]
+    return None
+
+
+def compare_with_edm(points: list[dict[str, Any]], baseline: str) -> dict[str, Any] | None:
+    """Every LowDiff point against EDM-35 and against EDM's curve at equal throughput, and the selection
+    rule of issue 17: among LowDiff points at ≥ SPEEDUP_TARGET× the baseline's throughput, the lowest FD
+    (N = sweep samples) is chosen; it *beats* EDM if its FD is below the baseline's. Adds fields to the
+    points; returns the selection (None without an EDM baseline among the points)."""
+    base = next((p for p in points if p["name"] == baseline and p["family"] == "EDM"), None)
+    if base is None:
+        return None
+    edm_points = [p for p in points if p["family"] == "EDM"]
+    candidates = []
+    for p in points:
+        if p["family"] != "LowDiff":
+            continue
+        ratio = p["throughput_img_s"] / base["throughput_img_s"]
+        at_equal = edm_at_equal_throughput(p["throughput_img_s"], edm_points)
+        p["vs_edm"] = {
+            "throughput_ratio": round(ratio, 4),
+            "cpu_s_ratio": round(base["cpu_s_mean"] / p["cpu_s_mean"], 4),
+            "fd_minus_baseline": round(p["sweep"]["fd"] - base["sweep"]["fd"], 3),
+            "edm_fd_at_equal_throughput": None if at_equal is None else round(at_equal, 3),
+        }
+        if ratio >= SPEEDUP_TARGET:
+            candidates.append(p)
+    chosen = min(candidates, key=lambda p: p["sweep"]["fd"], default=None)
+    fastest_better = [p for p in points if "vs_edm" in p and p["sweep"]["fd"] < base["sweep"]["fd"]]
+    closest = max(fastest_better, key=lambda p: p["throughput_img_s"], default=None)
+    return {
+        "rule": f"lowest sweep FD among LowDiff points at ≥ {SPEEDUP_TARGET}× {baseline}'s throughput",
+        "baseline": baseline,
+        "baseline_fd": base["sweep"]["fd"],
+        "candidates": [p["name"] for p in candidates],
+        "chosen": None if chosen is None else chosen["name"],
+        "chosen_beats_baseline": chosen is not None and chosen["sweep"]["fd"] < base["sweep"]["fd"],
+        "fastest_point_better_than_baseline": None if closest is None else closest["name"],
+    }
+
+
 def markdown(report: dict[str, Any]) -> str:
     n_sweep, n_full, batch = report["sweep_samples"], report["num_samples"], report["batch"]
     base = next(p for p in report["points"] if p["name"] == report["baseline"])
     lines = [
         f"| model | schedule | NFE per resolution | FD (N={n_sweep}) | class agreement (N={n_sweep}) | "
         f"FD (N={n_full}) | class agreement (N={n_full}) | latency per {batch} images (s) | "
-        f"images/s | CPU s per {batch} images | GFLOP per image | throughput vs {report['baseline']} |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"images/s | CPU s per {batch} images | GFLOP per image | throughput vs {report['baseline']} | "
+        f"EDM FD at equal throughput (N={n_sweep}) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in report["points"]:
         nfe = " / ".join(f"{s['nfe']}@{s['resolution']}" for s in p["stages"])
@@ -213,7 +277,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"{full_fd} | {full_agreement} | "
             f"{p['latency_s_mean']:.2f} | {p['throughput_img_s']:.2f} | {p['cpu_s_mean']:.2f} | "
             f"{p['gflops_per_image']:.2f} | {p['throughput_img_s'] / base['throughput_img_s']:.2f}× "
-            f"(CPU s {base['cpu_s_mean'] / p['cpu_s_mean']:.2f}×, FLOPs {flop_ratio:.2f}×) |"
+            f"(CPU s {base['cpu_s_mean'] / p['cpu_s_mean']:.2f}×, FLOPs {flop_ratio:.2f}×) | "
+            f"{_equal_throughput_cell(p)} |"
         )
     floors = report["floors"]
     lines += [
@@ -221,8 +286,32 @@ def markdown(report: dict[str, Any]) -> str:
         f"Floors (real vs real, held-out against N training images): FD {floors['fd_real_sweep']:.2f} at "
         f"N={n_sweep}, {floors['fd_real_full']:.2f} at N={floors['fd_real_full_samples']}. Ceiling of class agreement "
         f"(classifier on held-out real images): {100 * floors['classifier_accuracy_real']:.2f} %.",
+        f"Seeds {report['seeds'][0]}…{report['seeds'][1] - 1} (image i: seed {report['seeds'][0]} + i, "
+        "class i mod 10).",
     ]
+    selection = report.get("selection")
+    if selection is not None:
+        chosen = selection["chosen"]
+        verdict = (
+            "no LowDiff point reaches that speed"
+            if chosen is None
+            else f"**{chosen}**, which {'beats' if selection['chosen_beats_baseline'] else 'does not beat'} "
+            f"{selection['baseline']}'s FD {selection['baseline_fd']:.2f}"
+        )
+        lines += [
+            "",
+            f"Selection ({selection['rule']}): {verdict}. Fastest LowDiff point with a lower FD than the "
+            f"baseline: {selection['fastest_point_better_than_baseline'] or 'none'}.",
+        ]
     return "\n".join(lines) + "\n"
+
+
+def _equal_throughput_cell(point: dict[str, Any]) -> str:
+    vs = point.get("vs_edm")
+    if vs is None:
+        return "–"
+    at = vs["edm_fd_at_equal_throughput"]
+    return "outside EDM's curve" if at is None else f"{at:.2f} (LowDiff {point['sweep']['fd'] - at:+.2f})"
 
 
 def write_plot(report: dict[str, Any], path: Path) -> bool:
@@ -279,6 +368,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="result folder (default: a new temp folder; benchmarks/quality updates the committed "
                              "one)")  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--seed-offset", type=int, default=0,
+                        help="first seed (selection on one range, confirmation on a disjoint one)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -338,7 +429,12 @@ def main(argv: list[str] | None = None) -> None:
     log = None if args.quiet else sys.stderr
     samples = {
         p.name: cached_samples(
-            p, models[p.model], args.num_samples if p.headline else args.sweep_samples, args.cache, log=log
+            p,
+            models[p.model],
+            args.num_samples if p.headline else args.sweep_samples,
+            args.cache,
+            log=log,
+            seed0=args.seed_offset,
         )
         for p in points
     }
@@ -401,11 +497,13 @@ def main(argv: list[str] | None = None) -> None:
         "sweep_samples": args.sweep_samples,
         "batch": args.batch,
         "baseline": "edm-35",
+        "seeds": [args.seed_offset, args.seed_offset + args.num_samples],
         "floors": floors,
         "points": results,
     }
     if not any(p["name"] == report["baseline"] for p in results):
         report["baseline"] = results[0]["name"]
+    report["selection"] = compare_with_edm(results, report["baseline"])
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "results.md").write_text(markdown(report))
     write_plot(report, args.out / "fd_vs_throughput.png")

@@ -44,7 +44,19 @@ def test_sweep_points_have_the_intended_nfe() -> None:
     # the one-evaluation 8×8 stage still hands off at the paper's σ
     paper_handoff = float(points["lowdiff-paper"].schedule.stages[0].sigmas()[-1])
     assert float(points["lowdiff-8x1"].schedule.stages[0].sigmas()[-1]) == pytest.approx(paper_handoff)
-    assert nfe["edm-35"] == (35,) and nfe["edm-25"] == (25,) and nfe["edm-19"] == (19,) and nfe["edm-15"] == (15,)
+    assert nfe["edm-35"] == (35,) and nfe["edm-25"] == (25,) and nfe["edm-19"] == (19,) and nfe["edm-13"] == (13,)
+    assert sorted(nfe[name][0] for name in nfe if name.startswith("edm-")) == [
+        13,
+        15,
+        17,
+        19,
+        21,
+        23,
+        25,
+        27,
+        31,
+        35,
+    ]
     assert [p.name for p in points.values() if p.headline] == ["lowdiff-paper", "edm-35"]
 
 
@@ -88,6 +100,11 @@ def test_quality_run_end_to_end_and_reuses_its_cache(
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| tiny | lowdiff-paper: paper's 3-stage schedule (Table 2) | 18@8 / 13@16 / 17@32 |" in table
     assert (tmp_path / "out" / "fd_vs_throughput.png").is_file()
+    # every LowDiff point is read against EDM-35 and EDM's curve; the selection is recorded
+    assert report["seeds"] == [0, 20]
+    assert set(paper["vs_edm"]) == {"throughput_ratio", "cpu_s_ratio", "fd_minus_baseline",
+                                    "edm_fd_at_equal_throughput"}  # fmt: skip
+    assert report["selection"]["baseline"] == "edm-35" and "Selection (" in table
 
     # Extending a cache generates only the missing seeds, in chunks, and gives the images a fresh run gives.
     point = next(p for p in quality.sweep_points(get_config("fashion32").schedule, get_config("edm-fashion32").schedule)
@@ -97,6 +114,12 @@ def test_quality_run_end_to_end_and_reuses_its_cache(
     fresh = model.with_schedule(point.schedule).generate(list(range(13)), [s % 10 for s in range(13)]).numpy()
     assert extended.shape == fresh.shape
     assert np.abs(extended.astype(int) - fresh.astype(int)).max() <= 1  # batch composition differs: ≤ 1 level
+
+    # Another seed range (the confirmation run) is cached apart and draws those seeds.
+    offset = quality.cached_samples(point, model, 3, tmp_path / "cache", seed0=1000)
+    fresh = model.with_schedule(point.schedule).generate([1000, 1001, 1002], [0, 1, 2]).numpy()
+    assert np.abs(offset.astype(int) - fresh.astype(int)).max() <= 1
+    (tmp_path / "cache" / quality.cache_name(point, model, 1000)).unlink()
 
     # One cache file per point; a rerun generates nothing.
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 4
@@ -134,3 +157,42 @@ def test_quality_run_rejects_bad_arguments_before_generating(
         quality.main(argv + extra)
     assert exc.value.code == 2 and needle in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()
+
+
+def _point(name: str, family: str, throughput: float, fd: float, cpu_s: float = 1.0) -> dict:
+    return {"name": name, "family": family, "throughput_img_s": throughput, "cpu_s_mean": cpu_s, "sweep": {"fd": fd}}
+
+
+def test_edm_curve_is_interpolated_at_equal_throughput_and_never_extrapolated() -> None:
+    quality = load_script()
+    edm = [
+        _point("edm-35", "EDM", 10.0, 50.0),
+        _point("edm-25", "EDM", 14.0, 60.0),
+        _point("edm-15", "EDM", 20.0, 90.0),
+    ]
+    assert quality.edm_at_equal_throughput(12.0, edm) == pytest.approx(55.0)
+    assert quality.edm_at_equal_throughput(17.0, edm) == pytest.approx(75.0)
+    assert quality.edm_at_equal_throughput(20.0, edm) == pytest.approx(90.0)
+    assert quality.edm_at_equal_throughput(25.0, edm) is None and quality.edm_at_equal_throughput(9.0, edm) is None
+
+
+def test_selection_takes_the_best_fd_at_the_target_speed() -> None:
+    quality = load_script()
+    points = [
+        _point("edm-35", "EDM", 10.0, 50.0), _point("edm-15", "EDM", 20.0, 90.0),
+        _point("lowdiff-a", "LowDiff", 16.0, 48.0),  # better than EDM-35 but only 1.6×… qualifies
+        _point("lowdiff-b", "LowDiff", 15.5, 45.0),  # 1.55×, best FD among the fast ones: chosen
+        _point("lowdiff-c", "LowDiff", 12.0, 40.0),  # best FD overall, too slow (1.2×)
+        _point("lowdiff-d", "LowDiff", 19.0, 70.0),  # fastest, worse than EDM-35
+    ]  # fmt: skip
+    selection = quality.compare_with_edm(points, "edm-35")
+    assert selection["candidates"] == ["lowdiff-a", "lowdiff-b", "lowdiff-d"]
+    assert selection["chosen"] == "lowdiff-b" and selection["chosen_beats_baseline"] is True
+    assert selection["fastest_point_better_than_baseline"] == "lowdiff-a"
+    b = next(p for p in points if p["name"] == "lowdiff-b")["vs_edm"]
+    assert b["throughput_ratio"] == pytest.approx(1.55) and b["fd_minus_baseline"] == pytest.approx(-5.0)
+    assert b["edm_fd_at_equal_throughput"] == pytest.approx(50.0 + 40.0 * 5.5 / 10.0)
+    slow = [_point("edm-35", "EDM", 10.0, 50.0), _point("lowdiff-c", "LowDiff", 12.0, 40.0)]
+    none = quality.compare_with_edm(slow, "edm-35")
+    assert none["chosen"] is None and none["chosen_beats_baseline"] is False
+    assert quality.compare_with_edm([_point("lowdiff-c", "LowDiff", 12.0, 40.0)], "edm-35") is None
