@@ -57,6 +57,7 @@ from lowdiff.evaluation import Classifier, classify_with_progress, frechet_dista
 from lowdiff.imaging import save_png, tile  # noqa: E402
 from lowdiff.model import LowDiffModel  # noqa: E402
 from lowdiff.progress import Progress  # noqa: E402
+from lowdiff.sampler import initial_noise  # noqa: E402
 from lowdiff.schedule import CascadeSchedule, StageSchedule  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -136,11 +137,14 @@ def sweep_points(lowdiff: CascadeSchedule, edm: CascadeSchedule) -> list[Point]:
 
 
 def cache_name(point: Point, model: LowDiffModel, seed0: int = 0) -> str:
-    """Samples are keyed by point, weights, schedule and first seed, so that no change reuses stale images."""
+    """Samples are keyed by point, weights, schedule, first seed and how starting noise is drawn (a
+    fingerprint of seed 0's noise: the float64 → EDM float32 change must not reuse old images)."""
     weights = (model.metadata.get("checkpoint_sha256") or "random")[:12]
     schedule = hashlib.sha256(json.dumps(point.schedule.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    noise = initial_noise([0], point.schedule, model.config.network.img_channels)
+    draw = hashlib.sha256(b"".join(t.numpy().tobytes() for t in noise)).hexdigest()[:6]
     seeds = f"-s{seed0}" if seed0 else ""
-    return f"{point.name}-{weights}-{schedule}{seeds}.npz"
+    return f"{point.name}-{weights}-{schedule}-n{draw}{seeds}.npz"
 
 
 def cached_samples(
