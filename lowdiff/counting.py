@@ -13,13 +13,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lowdiff.configs import BUILTIN_CONFIGS, ModelConfig, get_config
-from lowdiff.network import UnifiedUNet
 from lowdiff.precond import Denoiser
+from lowdiff.schedule import FlowStageSchedule
 
 
 def build_denoiser(config: ModelConfig, device: str | torch.device = "cpu") -> Denoiser:
     with torch.device(device):
-        return Denoiser(UnifiedUNet(config.network), kind=config.preconditioning).eval()
+        return Denoiser.build(config.network, config.preconditioning).eval()
 
 
 def stage_gflops(denoiser: Denoiser, config: ModelConfig, resolution: int, device: str = "meta") -> float:
@@ -39,15 +39,21 @@ def stage_gflops(denoiser: Denoiser, config: ModelConfig, resolution: int, devic
 def describe(config: ModelConfig) -> dict[str, Any]:
     denoiser = build_denoiser(config, "meta")
     params = sum(p.numel() for p in denoiser.parameters())
-    stages = [
-        {
+    stages: list[dict[str, Any]] = []
+    for stage in config.schedule.stages:
+        entry: dict[str, Any] = {
             "resolution": stage.resolution,
             "gflops_per_evaluation": round(stage_gflops(denoiser, config, stage.resolution), 6),
             "nfe": stage.nfe,
         }
-        for stage in config.schedule.stages
-    ]
-    per_image = sum(s["gflops_per_evaluation"] * s["nfe"] for s in stages)
+        if isinstance(stage, FlowStageSchedule):
+            # A guided step runs the network on the conditional and the null half: NFE counts steps
+            # (the paper's and LightningDiT's convention), network_evaluations counts per-image passes.
+            entry["solver"] = stage.solver
+            entry["guided_steps"] = sum(stage.guided())
+            entry["network_evaluations"] = stage.nfe + entry["guided_steps"]
+        stages.append(entry)
+    per_image = sum(s["gflops_per_evaluation"] * s.get("network_evaluations", s["nfe"]) for s in stages)
     return {
         "params": params,
         "preconditioning": config.preconditioning,

@@ -19,11 +19,12 @@ from typing import Any, BinaryIO
 import torch
 
 from lowdiff.configs import BUILTIN_CONFIGS, SMALL_CPU_RECIPE, ModelConfig, TrainingRecipe, get_config
+from lowdiff.dit import DiTConfig
 from lowdiff.edm_import import import_snapshot
 from lowdiff.errors import CheckpointError, ConfigError
 from lowdiff.hashing import file_sha256
-from lowdiff.network import NetworkConfig, UnifiedUNet
-from lowdiff.precond import Denoiser
+from lowdiff.network import NetworkConfig
+from lowdiff.precond import PRECONDITIONINGS, Denoiser
 from lowdiff.requests import check_class_labels, labels_tensor
 from lowdiff.sampler import FunctionStage, StageRunner, generate_images
 from lowdiff.schedule import CascadeSchedule
@@ -43,6 +44,8 @@ def default_checkpoint_path() -> Path:
 def config_to_dict(config: ModelConfig) -> dict[str, Any]:
     net = asdict(config.network)
     net.pop("extra", None)
+    if isinstance(config.network, DiTConfig):
+        net["architecture"] = DiTConfig.architecture  # U-Net dicts stay as they were (no key)
     return {
         "name": config.name,
         "network": net,
@@ -64,10 +67,56 @@ NETWORK_INT_BOUNDS = {
 NETWORK_TUPLE_KEYS = ("resolutions", "channel_mult", "attn_resolutions")
 
 
-def _network_from_dict(data: Any) -> NetworkConfig:
+# Bounds on a DiT read from a file: LightningDiT's largest (1.6B: width 1792, depth 28, 28 heads) fits
+# with room; a hostile file cannot ask for more than ~10 G parameters' worth of layers.
+DIT_INT_BOUNDS = {
+    "img_resolution": (1, 512), "img_channels": (1, 256), "label_dim": (0, 100_000),
+    "hidden_size": (4, 8192), "depth": (1, 128), "num_heads": (1, 128), "patch_size": (1, 16),
+}  # fmt: skip
+DIT_KEYS = {*DIT_INT_BOUNDS, "resolutions", "mlp_ratio", "label_dropout", "architecture"}
+
+
+def _number(net: dict, key: str, low: float, high: float, default: float) -> float:
+    value = net.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ValueError(f"network.{key} must be a number in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def _dit_from_dict(data: dict) -> DiTConfig:
+    """A :class:`DiTConfig` from untrusted data: keys, types and ranges checked (ValueError)."""
+    unknown = set(data) - DIT_KEYS
+    if unknown:
+        raise ValueError(f"unknown DiT network key(s) {sorted(unknown)}")
+    missing = {"img_resolution", "img_channels", "label_dim", "resolutions"} - set(data)
+    if missing:
+        raise ValueError(f"DiT network lacks {sorted(missing)}")
+    net = {k: v for k, v in data.items() if k != "architecture"}
+    for key, (low, high) in DIT_INT_BOUNDS.items():
+        value = net.get(key)
+        if key in net and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
+            raise ValueError(f"network.{key} must be an integer in [{low}, {high}], got {value!r}")
+    res = net["resolutions"]
+    if not isinstance(res, list | tuple) or not 1 <= len(res) <= 8:
+        raise ValueError(f"network.resolutions must be a list of 1 to 8 integers, got {res!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 512 for v in res):
+        raise ValueError(f"network.resolutions must hold integers in [1, 512], got {res!r}")
+    net["resolutions"] = tuple(res)
+    net["mlp_ratio"] = _number(net, "mlp_ratio", 0.25, 16.0, 4.0)
+    net["label_dropout"] = _number(net, "label_dropout", 0.0, 0.99, 0.1)
+    network = DiTConfig(**net)
+    network.check()
+    return network
+
+
+def _network_from_dict(data: Any) -> NetworkConfig | DiTConfig:
     """A :class:`NetworkConfig` from untrusted data: every field's type and range checked (ValueError)."""
     if not isinstance(data, dict):
         raise ValueError(f"network must be a dict, got {type(data).__name__}")
+    if "architecture" in data:
+        if data["architecture"] != DiTConfig.architecture:
+            raise ValueError(f"network.architecture must be {DiTConfig.architecture!r}, got {data['architecture']!r}")
+        return _dit_from_dict(data)
     net = dict(data)
     for key, (low, high) in NETWORK_INT_BOUNDS.items():
         value = net.get(key)
@@ -110,7 +159,7 @@ def config_from_dict(data: Any) -> ModelConfig:
         schedule = CascadeSchedule.from_dict(data["schedule"])
     except (TypeError, KeyError, ValueError, ConfigError) as exc:
         raise ConfigError(f"invalid network or schedule ({type(exc).__name__}: {exc})", "config") from None
-    if data["preconditioning"] not in ("vp", "edm"):
+    if data["preconditioning"] not in PRECONDITIONINGS:
         raise ConfigError(f"unknown preconditioning {data['preconditioning']!r}", "config")
     if schedule.resolutions != network.resolutions:
         raise ConfigError(f"schedule resolutions {schedule.resolutions} ≠ network's {network.resolutions}", "config")
@@ -229,7 +278,7 @@ class LowDiffModel:
     def __init__(self, config: ModelConfig, denoiser: Denoiser | None = None):
         self.config = config
         if denoiser is None:
-            denoiser = Denoiser(UnifiedUNet(config.network), kind=config.preconditioning)
+            denoiser = Denoiser.build(config.network, config.preconditioning)
         self.denoiser = denoiser.eval()
         self.metadata: dict[str, Any] = {}
 
@@ -253,7 +302,8 @@ class LowDiffModel:
 
     def reference_runners(self) -> dict[int, StageRunner]:
         """Eager PyTorch on the CPU, fp32: the reference every engine is compared with."""
-        return {r: FunctionStage(TorchStage(self.denoiser, r)) for r in self.config.resolutions}
+        null = self.config.num_classes if self.config.latent and self.config.conditional else None
+        return {r: FunctionStage(TorchStage(self.denoiser, r), null_label=null) for r in self.config.resolutions}
 
     @torch.no_grad()
     def generate(self, seeds: Sequence[int], class_labels: Sequence[int] | None = None) -> torch.Tensor:

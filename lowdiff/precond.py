@@ -12,6 +12,15 @@ gives the noisy input unit variance at every σ, and the condition is a noisy im
 (data plus noise at σ_cond), so scaled the same way it too reaches the first convolution with unit
 variance whether σ_cond is 0.01 or 80 — four orders of magnitude apart unscaled. It costs one
 multiply per evaluation, and the ONNX/TensorRT stages carry it inside, so no runtime can forget it.
+
+``kind="flow"`` wraps a latent :class:`~lowdiff.dit.UnifiedDiT` trained by rectified flow
+(LightningDiT's recipe): no preconditioning at all. Its "σ" argument is the flow time t ∈ [0, 1]
+(t = 1 is data) and it returns the velocity, not a denoised image; the flow Euler loop of
+:mod:`lowdiff.sampler` knows that. The condition's level (``sigma_cond``, the hand-off time) is not an
+input of the DiT: latents are normalised to unit variance, so x_t = t·x + (1 − t)·ε keeps a variance
+between ½ and 1 at every t and needs no c_in-style rescaling, and the paper's parameter count (131.86 M)
+leaves no room for a second timestep embedder — the network reads the condition's noise from the
+condition itself.
 """
 
 from __future__ import annotations
@@ -21,15 +30,17 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lowdiff.network import UnifiedUNet
+from lowdiff.dit import DiTConfig, UnifiedDiT
+from lowdiff.network import NetworkConfig, UnifiedUNet
 
-Preconditioning = Literal["vp", "edm"]
+Preconditioning = Literal["vp", "edm", "flow"]
+PRECONDITIONINGS = ("vp", "edm", "flow")
 
 
 class Denoiser(nn.Module):
     def __init__(
         self,
-        net: UnifiedUNet,
+        net: UnifiedUNet | UnifiedDiT,
         kind: Preconditioning = "vp",
         sigma_data: float = 0.5,
         beta_d: float = 19.9,
@@ -40,13 +51,21 @@ class Denoiser(nn.Module):
         p_std: float = 1.2,
     ):
         super().__init__()
-        if kind not in ("vp", "edm"):
-            raise ValueError(f"unknown preconditioning {kind!r}: expected 'vp' or 'edm'")
+        if kind not in PRECONDITIONINGS:
+            raise ValueError(f"unknown preconditioning {kind!r}: expected 'vp', 'edm' or 'flow'")
+        if (kind == "flow") != isinstance(net, UnifiedDiT):
+            raise ValueError("'flow' goes with a UnifiedDiT and only with it")
         self.net = net
         self.kind = kind
         self.sigma_data = sigma_data
         self.beta_d, self.beta_min, self.vp_m, self.epsilon_t = beta_d, beta_min, vp_m, epsilon_t
         self.p_mean, self.p_std = p_mean, p_std
+
+    @classmethod
+    def build(cls, network: NetworkConfig | DiTConfig, kind: Preconditioning) -> Denoiser:
+        """A fresh denoiser for a network config: the U-Net or the DiT, whichever it describes."""
+        net = UnifiedDiT(network) if isinstance(network, DiTConfig) else UnifiedUNet(network)
+        return cls(net, kind=kind)
 
     # --- VP helpers (EDM's formulation) ---
     def _vp_sigma(self, t: torch.Tensor) -> torch.Tensor:
@@ -82,6 +101,8 @@ class Denoiser(nn.Module):
         sigma_cond: torch.Tensor | None = None,
         augment_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if isinstance(self.net, UnifiedDiT):  # flow: velocity at time t = sigma, no preconditioning
+            return self.net(x.float(), sigma.float().reshape(-1), class_labels, resolution, condition).float()
         x = x.float()
         sigma = sigma.float().reshape(-1)
         c_skip, c_out, c_in, c_noise = (c[:, None, None, None] for c in self.coefficients(sigma))

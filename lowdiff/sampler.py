@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from lowdiff.schedule import CascadeSchedule, StageSchedule
+from lowdiff.schedule import AnyStage, CascadeSchedule, FlowStageSchedule, StageSchedule
 
 
 class StageFunction(Protocol):
@@ -38,7 +38,7 @@ class StageFunction(Protocol):
 class StageRunner(Protocol):
     def run_stage(
         self,
-        stage: StageSchedule,
+        stage: AnyStage,
         noise: torch.Tensor,
         class_labels: torch.Tensor | None,
         condition: torch.Tensor | None,
@@ -102,6 +102,66 @@ def heun_stage(
     return x
 
 
+def flow_euler_stage(
+    stage: FlowStageSchedule,
+    fn: StageFunction,
+    noise: torch.Tensor,
+    class_labels: torch.Tensor | None,
+    condition: torch.Tensor | None,
+    sigma_cond: float | None,
+    null_label: int | None = None,
+) -> torch.Tensor:
+    """One rectified-flow stage: Euler steps x ← x + (t_next − t)·v(x, t) from noise (t = 0) to the
+    hand-off time (or data, t = 1); returns float64 x. ``fn`` returns the velocity (its "σ" is t).
+
+    A guided step evaluates the conditional and the null-class halves as one doubled batch (one
+    network call, as LightningDiT does), then mixes them on the stage's guidance channels. The solver
+    state stays float64 and every draw was made per seed before, so an image depends only on its
+    (class, seed): guidance pairs each image with its own null twin, never with a neighbour.
+    """
+    times = stage.times()
+    batch = noise.shape[0]
+    guided = stage.guided()
+    if any(guided) and (class_labels is None or null_label is None):
+        raise ValueError("classifier-free guidance needs class labels and the null class of the network")
+    cond_t = None if sigma_cond is None else torch.full((batch,), sigma_cond, dtype=torch.float32)
+    doubled_labels = doubled_cond = doubled_t = None
+    if any(guided):
+        assert class_labels is not None and null_label is not None
+        doubled_labels = torch.cat([class_labels, torch.full_like(class_labels, null_label)])
+        doubled_cond = None if condition is None else torch.cat([condition, condition])
+        doubled_t = None if cond_t is None else torch.cat([cond_t, cond_t])
+    channels = noise.shape[1] if stage.guidance_channels is None else min(stage.guidance_channels, noise.shape[1])
+    x = noise.to(torch.float64)
+    for guide, t_cur, t_next in zip(guided, times[:-1], times[1:]):
+        t = torch.full((batch,), float(t_cur), dtype=torch.float32, device=noise.device)
+        if guide:
+            both = fn(torch.cat([x, x]).float(), torch.cat([t, t]), doubled_labels, doubled_cond, doubled_t)
+            v_cond, v_null = both.to(torch.float64).split(batch)
+            v = v_cond.clone()
+            w = stage.guidance_scale
+            v[:, :channels] = v_null[:, :channels] + w * (v_cond[:, :channels] - v_null[:, :channels])
+        else:
+            v = fn(x.float(), t, class_labels, condition, cond_t).to(torch.float64)
+        x = x + (t_next - t_cur) * v
+    return x
+
+
+def run_any_stage(
+    stage: AnyStage,
+    fn: StageFunction,
+    noise: torch.Tensor,
+    class_labels: torch.Tensor | None,
+    condition: torch.Tensor | None,
+    sigma_cond: float | None,
+    null_label: int | None = None,
+) -> torch.Tensor:
+    """The stage's own loop: Heun/Euler in σ for a pixel stage, flow Euler in t for a latent one."""
+    if isinstance(stage, FlowStageSchedule):
+        return flow_euler_stage(stage, fn, noise, class_labels, condition, sigma_cond, null_label)
+    return heun_stage(stage, fn, noise, class_labels, condition, sigma_cond)
+
+
 class FunctionStage:
     """A stage runner from a one-evaluation stage function, using the shared Heun loop.
 
@@ -111,25 +171,27 @@ class FunctionStage:
     and returns host tensors, as the ONNX Runtime and TensorRT runners do).
     """
 
-    def __init__(self, fn: StageFunction, device: torch.device | None = None):
+    def __init__(self, fn: StageFunction, device: torch.device | None = None, null_label: int | None = None):
         self.fn = fn
         self.device = device
+        self.null_label = null_label  # a flow model's null class, for guided stages
 
     def run_stage(
         self,
-        stage: StageSchedule,
+        stage: AnyStage,
         noise: torch.Tensor,
         class_labels: torch.Tensor | None,
         condition: torch.Tensor | None,
         sigma_cond: float | None,
     ) -> torch.Tensor:
         if self.device is None:
-            return heun_stage(stage, self.fn, noise, class_labels, condition, sigma_cond)
+            return run_any_stage(stage, self.fn, noise, class_labels, condition, sigma_cond, self.null_label)
 
         def to(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(self.device)
 
-        return heun_stage(stage, self.fn, to(noise), to(class_labels), to(condition), sigma_cond).cpu()
+        args = (to(noise), to(class_labels), to(condition), sigma_cond, self.null_label)
+        return run_any_stage(stage, self.fn, *args).cpu()
 
 
 def run_cascade(
@@ -152,7 +214,7 @@ def run_cascade(
         if on_stage is not None:
             on_stage(stage.resolution, time.perf_counter() - start)
         if stage.truncated:
-            condition, sigma_cond = x, float(stage.sigmas()[-1])
+            condition, sigma_cond = x, stage.handoff_level
     return x
 
 

@@ -22,10 +22,11 @@ import torch
 import uvicorn
 
 from lowdiff.configs import ModelConfig, get_config
+from lowdiff.dit import DiTConfig
 from lowdiff.engines import EngineInfo
 from lowdiff.model import LowDiffModel
 from lowdiff.network import NetworkConfig
-from lowdiff.schedule import CascadeSchedule, StageSchedule
+from lowdiff.schedule import CascadeSchedule, FlowStageSchedule, StageSchedule
 
 torch.set_num_threads(2)
 
@@ -79,6 +80,48 @@ def make_tiny_model(seed: int = 0) -> LowDiffModel:
 def make_tiny_fast_model(seed: int = 0) -> LowDiffModel:
     """The perturbed tiny model on SHORT_SCHEDULE (few steps per stage)."""
     return make_tiny_model(seed).with_schedule(SHORT_SCHEDULE)
+
+
+def make_tiny_latent_config(
+    resolutions: tuple[int, ...] = (4, 8), guidance_scale: float = 1.0, channels: int = 4
+) -> ModelConfig:
+    """A DiT of the B/1 recipe shrunk to width 32, depth 2, 2 heads, on 8×8×``channels`` latents, 10
+    classes, with short flow stages (6 + 4 Euler steps, or 8 for a single stage)."""
+    net = DiTConfig(
+        img_resolution=resolutions[-1], img_channels=channels, label_dim=10, resolutions=resolutions,
+        hidden_size=32, depth=2, num_heads=2,
+    )  # fmt: skip
+    guide = {"guidance_scale": guidance_scale, "guidance_start": 0.1, "shift": 0.5}
+    if len(resolutions) == 1:
+        stages: tuple[FlowStageSchedule, ...] = (FlowStageSchedule(resolutions[0], 8, **guide),)
+    else:
+        stages = (FlowStageSchedule(resolutions[0], 8, truncate_at=6, **guide),)
+        stages += tuple(FlowStageSchedule(r, 4, truncate_at=2, **guide) for r in resolutions[1:-1])
+        stages += (FlowStageSchedule(resolutions[-1], 4, **guide),)
+    return ModelConfig(name="tiny-latent", network=net, schedule=CascadeSchedule(stages), preconditioning="flow")
+
+
+def make_tiny_latent_model(seed: int = 0, **kwargs: Any) -> LowDiffModel:
+    """The tiny latent model with every weight perturbed (LightningDiT zero-initialises adaLN and the
+    output layers, which would make the velocity identically zero)."""
+    torch.manual_seed(seed)
+    model = LowDiffModel(make_tiny_latent_config(**kwargs))
+    with torch.no_grad():
+        for p in model.denoiser.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_latent_config() -> Callable[..., ModelConfig]:
+    """``tiny_latent_config(resolutions=(4, 8), guidance_scale=1.0, channels=4)`` → a tiny DiT's ModelConfig."""
+    return make_tiny_latent_config
+
+
+@pytest.fixture(scope="session")
+def tiny_latent_model() -> Callable[..., LowDiffModel]:
+    """``tiny_latent_model(seed=0, **config_kwargs)`` → the tiny DiT model, perturbed weights."""
+    return make_tiny_latent_model
 
 
 @pytest.fixture(scope="session")

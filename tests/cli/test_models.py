@@ -20,7 +20,7 @@ def test_models_json_gives_preconditioning_and_recipe(capsys) -> None:
     """The paper configs are EDMPrecond with EDM's recipe; fashion32 keeps the recipe it was trained with."""
     assert main(["models", "--json"]) == 0
     table = json.loads(capsys.readouterr().out)
-    assert all(info["preconditioning"] in ("edm", "vp") for info in table.values())
+    assert all(info["preconditioning"] in ("edm", "vp", "flow") for info in table.values())
     paper = ("cifar10-cond", "cifar10-uncond", "cifar10-cond-2stage", "ffhq64", "ffhq64-2stage", "edm-cifar10-cond")
     for name in paper:
         info = table[name]
