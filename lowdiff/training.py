@@ -60,6 +60,7 @@ from lowdiff.model import (
     read_checkpoint,
 )
 from lowdiff.precond import Denoiser
+from lowdiff.progress import Progress
 from lowdiff.requests import check_class_labels, labels_tensor
 from lowdiff.sampler import FunctionStage, generate_images, upsample_condition
 
@@ -551,24 +552,25 @@ class Trainer:
         total = int(opts.total_kimg * 1000)
         if main and opts.grid_every:
             (self.run_dir / "grids").mkdir(parents=True, exist_ok=True)
-        window_start, window_images = time.perf_counter(), 0
         last_time = last_save = time.perf_counter()
         batches = iter(self.loader(images, labels))
         stopping = False
-        with _stop_signals() as stop:
+        progress = Progress(total, f"training {self.config.name}", "img", stream=log, initial=self.nimg)
+        with _stop_signals() as stop, progress:
             while self.nimg < total and not stopping:
                 batch_images, batch_labels = next(batches)
                 per_res = self.train_step(batch_images, batch_labels if labels is not None else None)
                 now = time.perf_counter()
                 self.wall_seconds += now - last_time
                 last_time = now
-                window_images += self.recipe.batch_size
                 stopping = self._agree(bool(stop))
+                figures: dict[str, Any] = {"step": self.step}
                 if per_res is not None and self.step % opts.log_every == 0:
                     per_res = self._mean_over_ranks(per_res)
-                    if log is not None:
-                        self._log_progress(per_res, total, window_images / max(now - window_start, 1e-9), log)
-                    window_start, window_images = now, 0
+                    figures.update({f"loss{r}": v for r, v in per_res.items()})
+                    if self.skipped_steps:
+                        figures["skipped"] = self.skipped_steps
+                progress.update(self.recipe.batch_size, **figures)
                 due = self.step and self.step % opts.checkpoint_every == 0
                 if main and (due or now - last_save > opts.checkpoint_minutes * 60):
                     self.save()
@@ -599,19 +601,6 @@ class Trainer:
         t = torch.tensor(list(per_res.values()), dtype=torch.float64, device=self._collective_device)
         dist.all_reduce(t)
         return {r: float(v) / self.dist.world for r, v in zip(per_res, t)}
-
-    def _log_progress(self, per_res: dict[int, float], total: int, rate: float, log: TextIO) -> None:
-        eta = (total - self.nimg) / max(rate, 1e-9)
-        frac = self.nimg / total
-        bar = "#" * int(frac * 30) + "-" * (30 - int(frac * 30))
-        losses = " ".join(f"{r}:{v:.4f}" for r, v in per_res.items())
-        print(
-            f"[{bar}] {self.nimg / 1000:7.1f}/{total / 1000:.0f} kimg  step {self.step}  "
-            f"loss {losses}  {rate:5.1f} img/s  eta {eta / 60:5.1f} min"
-            + (f"  skipped {self.skipped_steps}" if self.skipped_steps else ""),
-            file=log,
-            flush=True,
-        )
 
 
 class _StopFlag:
