@@ -8,7 +8,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from lowdiff.cli.args import HelpFormatter, nonnegative_int, positive_float, positive_int, seed
+from lowdiff.cli.args import (
+    HelpFormatter,
+    add_quiet,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    progress_stream,
+    seed,
+)
 from lowdiff.data import DEFAULT_HOLDOUT_PER_CLASS
 from lowdiff.errors import CheckpointError, DataError, LowDiffError, SettingsError
 
@@ -79,7 +87,13 @@ def register(sub: Any) -> None:
     p.add_argument("--grid-every", type=nonnegative_int, default=1000, help="steps between sample grids (0 = never)")
     p.add_argument("--checkpoint-every", type=positive_int, default=250, help="steps between checkpoints")
     p.add_argument("--checkpoint-minutes", type=positive_float, default=10.0, help="minutes between checkpoints")
-    p.add_argument("--threads", type=nonnegative_int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument(
+        "--threads",
+        type=nonnegative_int,
+        default=0,
+        help="torch CPU threads (0 = the CPUs idle at start, lowdiff/threads.py; under torchrun, torch's default)",
+    )
+    add_quiet(p)
     hw = p.add_argument_group(
         "devices",
         "Many GPUs or machines: start this command under torchrun (`torchrun --nproc_per_node N -m lowdiff train "
@@ -157,6 +171,7 @@ def run(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace, distributed: Any) -> None:
     from lowdiff.data import holdout_split, image_folder_classes, load_dataset, prepare_images
     from lowdiff.model import load_config
+    from lowdiff.threads import default_threads
     from lowdiff.training import Trainer, TrainOptions
 
     config = load_config(args.config)
@@ -164,12 +179,12 @@ def _train(args: argparse.Namespace, distributed: Any) -> None:
     if args.resume and checkpoint.exists():
         config = resumed_config(config, checkpoint)
     config = configure(config, args)
+    if args.init_from is not None and args.init_from_edm is not None:
+        raise SettingsError("give --init-from or --init-from-edm, not both", "init_from_edm")
     if args.keep_count and args.init_from is None:
         raise SettingsError("only with --init-from", "keep_count")
     images, labels = load_dataset(args.data)
     train_idx, _ = holdout_split(labels, args.holdout_per_class)
-    if args.init_from is not None and args.init_from_edm is not None:
-        raise SettingsError("give --init-from or --init-from-edm, not both", "init_from_edm")
     if len(train_idx) == 0:
         raise DataError(f"{args.data}: the hold-out of {args.holdout_per_class} per class leaves nothing to train on")
     net = config.network
@@ -196,7 +211,9 @@ def _train(args: argparse.Namespace, distributed: Any) -> None:
         grid_every=args.grid_every,
         checkpoint_every=args.checkpoint_every,
         checkpoint_minutes=args.checkpoint_minutes,
-        threads=args.threads,
+        # one process: the idle CPUs (a busy machine made torch's default many times slower); under
+        # torchrun every rank would count the same idle CPUs, so ranks keep torch's (OMP_NUM_THREADS) default
+        threads=args.threads or (default_threads() if distributed.world == 1 else 0),
         device=resolve_device(args.device),
         precision=args.precision,
         batch_gpu=args.batch_gpu,
@@ -233,7 +250,7 @@ def _train(args: argparse.Namespace, distributed: Any) -> None:
         f"{trainer.share // trainer.batch_gpu} round(s) × {trainer.batch_gpu})",
         file=sys.stderr,
     )
-    interrupted = trainer.fit(x, y, log=sys.stderr)
+    interrupted = trainer.fit(x, y, log=progress_stream(args))
     print(
         f"{'interrupted' if interrupted else 'done'} at step {trainer.step} ({trainer.nimg / 1000:.1f} kimg); "
         f"checkpoint: {trainer.checkpoint_path}",
