@@ -132,6 +132,7 @@ class FlowStageSchedule:
         """The float64 flow times this stage visits, t_0 = 0 … t_end (t_trunc or 1)."""
         u = torch.arange(self.num_steps + 1, dtype=torch.float64) / self.num_steps
         grid = self.shift * u / (1 + (self.shift - 1) * u)
+        grid[-1] = 1.0  # exactly data (the formula gives 1 only up to rounding for s ≠ 1)
         end = self.truncate_at if self.truncate_at is not None else self.num_steps
         return grid[: end + 1]
 
