@@ -283,3 +283,36 @@ def test_docs_render_offline_in_a_real_browser(server, browser) -> None:
     wait(browser, lambda d: "/generate" in d.find_element(By.TAG_NAME, "body").text)
     refused = assert_nothing_left_the_host(browser, server)
     assert all(urlsplit(url).hostname == "cdn.redoc.ly" for url in refused), refused  # Redocly's logo only
+
+
+def test_playground_streams_previews_in_a_real_browser(tiny_fast_model, live_server, browser) -> None:
+    """With "Show previews" the page reads POST /generate/stream: drafts appear, then the same final
+    images (pixels and alt text) as without it."""
+    from selenium.webdriver.common.by import By
+
+    model = tiny_fast_model()
+    model.config = dataclasses.replace(model.config, class_names=FASHION_MNIST_CLASSES)
+    settings = ServeSettings(max_batch=16, max_delay_ms=0, scheduler="staged")
+    with live_server(create_app(settings, model=model)) as srv:
+        srv.wait_ready()
+        browser.get(srv.url + "/")
+        wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#class option")) == 10)
+        browser.find_element(By.ID, "seed").send_keys("5")
+        count = browser.find_element(By.ID, "count")
+        count.clear()
+        count.send_keys("2")
+        shown = "return Array.from(document.querySelectorAll('#images img')).map(i => [i.alt, i.src])"
+        browser.find_element(By.ID, "generate").click()
+        wait(browser, lambda d: "2 images from tiny" in d.find_element(By.ID, "timings").text)
+        plain = browser.execute_script(shown)
+        browser.find_element(By.ID, "previews").click()
+        browser.find_element(By.ID, "generate").click()
+        wait(browser, lambda d: "2 images from tiny" in d.find_element(By.ID, "timings").text
+             and d.find_element(By.ID, "generate").is_enabled())  # fmt: skip
+        streamed = browser.execute_script(shown)
+        previews = int(browser.find_element(By.ID, "images").get_attribute("data-previews"))
+        assert streamed == plain and [alt for alt, _ in plain] == ["T-shirt/top, seed 5", "T-shirt/top, seed 6"]
+        assert previews >= 2  # at least one hand-off draft per image (the tiny model's cascade has stages)
+        assert browser.find_element(By.ID, "error").text == ""
+        console = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert console == [], console
