@@ -7,8 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-yaml = pytest.importorskip("yaml")  # PyYAML comes with the dev tools (schemathesis, locust)
+import yaml  # PyYAML: a dev dependency (pyproject.toml)
 
 MANIFEST = Path(__file__).resolve().parents[2] / "deploy" / "training" / "lowdiff-train-job.yaml"
 
