@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import yaml  # PyYAML: a dev dependency (pyproject.toml)
 
 MANIFEST = Path(__file__).resolve().parents[2] / "deploy" / "training" / "lowdiff-train-job.yaml"
