@@ -16,6 +16,11 @@ twice that many wait: then it takes up to its own limit — small tensors are ch
 batches, and a backlog that the next last-stage call cannot clear anyway loses nothing by it. The wait
 for a batch to fill (``max_delay``) applies, as in the cascade batcher, only when nothing else is waiting.
 
+One hand-over per cohort, not per stage: a call continues into the next stage in the engine thread
+while that is what the scheduler would choose anyway (:meth:`StagedBatcher._run_from`); returning to
+the event loop between stages cost 7–8 % of p50 latency at 25–95 % load on a busy 2-core machine
+(``benchmarks/scheduler/sleep_engine.py``), 3–6 % remain.
+
 Kept from the cascade batcher: tickets, backpressure (``max_queue`` counts images not yet started),
 deadlines (checked whenever an image is taken, at every stage), cancellation (a cancelled or failed
 request's images are dropped at the next stage boundary, so a disconnect stops their remaining work),
@@ -193,40 +198,81 @@ class StagedBatcher(Batcher):
         try:
             self.running = True
             try:
-                out, previews = await loop.run_in_executor(self.executor, self._stage_call, k, batch)
+                last, out = await loop.run_in_executor(self.executor, self._run_from, k, batch, loop)
             finally:
                 self.running = False
         except Exception as exc:  # any engine error fails this batch's requests only
             self._engine_free_since = time.monotonic()
             self.metrics.batches.labels("error").inc()
-            log.exception("engine failed on stage %s of a batch of %d images", resolution, len(batch))
+            log.exception("engine failed from stage %s on a batch of %d images", resolution, len(batch))
             failure = EngineFailure(f"{type(exc).__name__}: {exc}")
             for ticket in {id(job.ticket): job.ticket for job in batch}.values():
                 self._fail(ticket, failure)
             return
         end = self._engine_free_since = time.monotonic()
-        self._per_image_s[k] = (end - start) / len(batch)
-        self.metrics.batches.labels("ok").inc()
-        self.metrics.stage_batches.labels(resolution).inc()
-        self.metrics.stage_batch_size.labels(resolution).observe(len(batch))
         for job in batch:
             job.ticket.last_end = end
-        if k == len(self.resolutions) - 1:
+        if last == len(self.resolutions) - 1:
             self.batches_run += 1
             self.metrics.record_images(len(batch))
             self._deliver(batch, out)
             return
-        for position, job in previews.items():
-            ticket = batch[position].ticket
+        nxt = self._stages[last + 1]
+        for job in batch:
+            job.stage, job.since = last + 1, end
+            nxt.append(job)
+
+    def _run_from(self, k: int, batch: list[ImageJob], loop: asyncio.AbstractEventLoop) -> tuple[int, torch.Tensor]:
+        """Runs in the engine thread: stage k for ``batch``, then the following stages too while the
+        scheduler would choose them anyway, in one hand-over to the engine thread.
+
+        Why that is the same schedule: later-first chose stage k because no image waited at a later
+        stage, and only this call can feed one; so the next choice is stage k+1 for exactly these
+        images, unless they are more than its take limit (then the event loop splits them) or one of
+        their requests went away (then the event loop drops its images at the boundary; a cancel that
+        lands while a stage runs costs at most that stage). Each return to the event loop costs a
+        thread hand-over, milliseconds on a busy CPU (benchmarks/scheduler/README.md). Returns the last
+        stage run and its output (uint8 images after the last stage)."""
+        last = len(self.resolutions) - 1
+        while True:
+            start = time.monotonic()
+            out, previews = self._stage_call(k, batch)
+            resolution = str(self.resolutions[k])
+            self._per_image_s[k] = (time.monotonic() - start) / len(batch)
+            self.metrics.batches.labels("ok").inc()
+            self.metrics.stage_batches.labels(resolution).inc()
+            self.metrics.stage_batch_size.labels(resolution).observe(len(batch))
+            if previews:
+                loop.call_soon_threadsafe(self._emit_previews, batch, previews)
+            if k == last or not self._continues(k + 1, batch):
+                return k, out
+            k += 1
+            self.metrics.stage_wait.labels(str(self.resolutions[k])).observe(0.0)
+
+    def _continues(self, k: int, batch: list[ImageJob]) -> bool:
+        """Whether stage k would run next for exactly ``batch`` (see :meth:`_run_from`)."""
+        now = time.monotonic()
+        if any(not self._alive(job.ticket) or job.ticket.deadline <= now for job in batch):
+            return False
+        last = len(self.limits) - 1
+        limit = (
+            self.limits[k]
+            if k == last or len(batch) > 2 * self.limits[last]
+            else min(self.limits[k], self.limits[last])
+        )
+        return len(batch) <= limit
+
+    def _emit_previews(self, batch: list[ImageJob], previews: dict[int, dict[str, Any]]) -> None:
+        """On the event loop: hand the previews of one stage call to their streams."""
+        now = time.monotonic()
+        for position, preview in previews.items():
+            job = batch[position]
+            ticket = job.ticket
             if ticket.events is not None and self._alive(ticket):
                 if ticket.first_preview is None:
-                    ticket.first_preview = end
-                    self.metrics.first_preview.observe(end - ticket.submitted)
-                ticket.events.put_nowait(("preview", batch[position].index, job))
-        nxt = self._stages[k + 1]
-        for job in batch:
-            job.stage, job.since = k + 1, end
-            nxt.append(job)
+                    ticket.first_preview = now
+                    self.metrics.first_preview.observe(now - ticket.submitted)
+                ticket.events.put_nowait(("preview", job.index, preview))
 
     def _deliver(self, batch: list[ImageJob], images: torch.Tensor) -> None:
         for job, image in zip(batch, images):

@@ -1,0 +1,148 @@
+"""The service's own batchers in front of an engine that *waits* the cost model's time (no HTTP, no model).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scheduler/sleep_engine.py --out benchmarks/scheduler/sleep-engine.json
+
+Why: the simulator (run.py) models the schedulers; this runs the real ones — ``service/batcher.py``'s
+``Batcher`` and ``service/staged.py``'s ``StagedBatcher``, their event loop, engine thread, fill delay and
+queues — against an engine whose call of ``b`` images at resolution ``r`` sleeps ``nfe_r · t_r(b)``
+seconds (the cifar10-cond H100 cost model of run.py). Sleeping costs no CPU, so the result does not
+depend on this machine's load the way a real CPU engine's does. Requests (single images) are submitted
+open-loop at Poisson times; latency is submit → the ticket's future resolving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import H100_AT_64, H100_FLOOR, NFE, RESOLUTIONS  # noqa: E402
+
+from lowdiff.bench.simulate import Cascade, LinearCost, percentile  # noqa: E402
+from lowdiff.service.batcher import Batcher  # noqa: E402
+from lowdiff.service.metrics import ServiceMetrics  # noqa: E402
+from lowdiff.service.staged import StagedBatcher, default_stage_limits  # noqa: E402
+
+
+class SleepEngine:
+    def __init__(self, cascade: Cascade):
+        self.cascade = cascade
+
+    def generate(self, seeds: Sequence[int], class_labels: Any = None, on_stage: Any = None) -> torch.Tensor:
+        time.sleep(self.cascade.cascade_seconds(len(seeds)))
+        return torch.zeros(len(seeds), 1, 2, 2, dtype=torch.uint8)
+
+    def stage_noise(self, seeds: Sequence[int]) -> list[torch.Tensor]:
+        return [torch.zeros(len(seeds), 1, 1, 1) for _ in RESOLUTIONS]
+
+    def run_stage(
+        self, index: int, noise: torch.Tensor, class_labels: Any, condition: Any, sigma_cond: Any, on_stage: Any = None
+    ) -> tuple[torch.Tensor, float | None]:
+        time.sleep(self.cascade.stage_seconds(index, noise.shape[0]))
+        last = index == len(RESOLUTIONS) - 1
+        return noise.double(), (None if last else 1.0)
+
+    def denoised_preview(
+        self, index: int, x: torch.Tensor, class_labels: Any, condition: Any, sigma_cond: Any
+    ) -> torch.Tensor:
+        return torch.zeros(x.shape[0], 1, 2, 2, dtype=torch.float64)
+
+
+async def run_one(make: Callable[[], Batcher], arrivals: list[float]) -> dict[str, float]:
+    batcher = make()
+    batcher.start()
+    latencies: list[float] = []
+    done = asyncio.Event()
+    left = len(arrivals)
+    start = time.monotonic()
+
+    def finished(t0: float, _future: asyncio.Future) -> None:
+        nonlocal left
+        latencies.append(time.monotonic() - t0)
+        left -= 1
+        if left == 0:
+            done.set()
+
+    for k, at in enumerate(arrivals):
+        await asyncio.sleep(max(0.0, start + at - time.monotonic()))
+        submitted = time.monotonic()
+        ticket = batcher.submit([k], [0], deadline=submitted + 3600)
+        ticket.future.add_done_callback(lambda f, t0=submitted: finished(t0, f))
+    await done.wait()
+    span = time.monotonic() - start
+    await batcher.close()
+    measured = latencies[len(latencies) // 10 :]  # completion order; the first tenth is warm-up
+    return {
+        "p50_s": percentile(measured, 50),
+        "p99_s": percentile(measured, 99),
+        "images_per_s": len(arrivals) / span,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "sleep-engine.json")
+    parser.add_argument("--requests", type=int, default=1500)
+    parser.add_argument("--loads", default="0.25,0.5,0.8,0.95,1.2")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    cascade = Cascade(RESOLUTIONS, NFE, LinearCost.through(H100_FLOOR, 64, H100_AT_64))
+    capacity = cascade.capacity(64)
+    engine = SleepEngine(cascade)
+    limits = default_stage_limits(RESOLUTIONS, 64)
+    makers = {
+        "cascade": lambda: Batcher(engine, ThreadPoolExecutor(1), ServiceMetrics(), 64, 0.01, 100_000),
+        "staged": lambda: StagedBatcher(
+            engine, ThreadPoolExecutor(1), ServiceMetrics(), RESOLUTIONS, limits, 0.01, 100_000
+        ),
+    }
+    rows: list[dict[str, Any]] = []
+    for load in (float(x) for x in args.loads.split(",")):
+        rng = random.Random(args.seed)
+        t, arrivals = 0.0, []
+        for _ in range(args.requests):
+            t += rng.expovariate(load * capacity)
+            arrivals.append(t)
+        for name, make in makers.items():
+            stats = asyncio.run(run_one(make, arrivals))
+            rows.append({"load": load, "scheduler": name, **stats})
+            print(f"{load:.0%} {name}: {stats}", file=sys.stderr, flush=True)
+    print("| load | scheduler | p50 (s) | p99 (s) | images/s | p50 × | p99 × | images/s × |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        base = next(r for r in rows if r["load"] == row["load"] and r["scheduler"] == "cascade")
+        row["p50_vs_cascade"] = row["p50_s"] / base["p50_s"]
+        row["p99_vs_cascade"] = row["p99_s"] / base["p99_s"]
+        row["throughput_vs_cascade"] = row["images_per_s"] / base["images_per_s"]
+        print(
+            f"| {row['load']:.0%} | {row['scheduler']} | {row['p50_s']:.3f} | {row['p99_s']:.3f} | "
+            f"{row['images_per_s']:.1f} | {row['p50_vs_cascade']:.2f} | {row['p99_vs_cascade']:.2f} | "
+            f"{row['throughput_vs_cascade']:.3f} |"
+        )
+    out = {
+        "command": " ".join(["python", "benchmarks/scheduler/sleep_engine.py", *sys.argv[1:]]),
+        "cost": "cifar10-cond H100 linear model of run.py (floors assumed)",
+        "capacity_images_per_s": capacity,
+        "limits": limits,
+        "max_delay_s": 0.01,
+        "rows": rows,
+    }
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
