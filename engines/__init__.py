@@ -25,11 +25,13 @@ from lowdiff.errors import ConfigError, EngineUnavailable, SettingsError
 from lowdiff.model import LowDiffModel, TorchStage
 from lowdiff.requests import check_class_labels, labels_tensor
 from lowdiff.sampler import (
+    DecodeStage,
     FunctionStage,
     StageCallback,
     StageRunner,
     generate_images,
     initial_noise,
+    run_decode,
     upsample_condition,
 )
 
@@ -39,6 +41,9 @@ from lowdiff.sampler import (
 # compile: torch.compile (inductor) of each stage's evaluation (CPU; on CUDA inside CUDA graphs).
 ENGINE_KINDS = ("torch", "cudagraph", "onnxruntime", "tensorrt", "compile")
 ENGINES_WITH_DIR = ("onnxruntime", "tensorrt", "compile")  # compile: inductor's on-disk cache
+# Engines that run latent (flow + decode) models: cudagraph and tensorrt own a Heun stage loop and
+# have no decode stage yet.
+LATENT_ENGINES = ("torch", "onnxruntime", "compile")
 
 
 @dataclass(frozen=True)
@@ -80,12 +85,16 @@ class CascadeEngine:
         kind: str,
         device: str,
         precision: str,
+        decoder: DecodeStage | None = None,
     ):
         missing = set(model.config.resolutions) - set(runners)
         if missing:
             raise ConfigError(f"engine {kind!r} has no runner for stage(s) {sorted(missing)}", "engine")
+        if (decoder is None) != (model.config.autoencoder is None):
+            raise ConfigError(f"engine {kind!r}: a decode stage goes with a latent model and only with one", "engine")
         self.model = model
         self.runners = dict(runners)
+        self.decoder = decoder  # a latent model's last stage: latents → images
         self.kind = kind
         self.device = device
         self.precision = precision
@@ -102,10 +111,12 @@ class CascadeEngine:
         class_labels: Sequence[int] | None = None,
         on_stage: StageCallback | None = None,
     ) -> torch.Tensor:
-        """uint8 images [B, C, R, R]; image i depends only on (class_labels[i], seeds[i])."""
+        """uint8 images [B, C, R, R]; image i depends only on (class_labels[i], seeds[i]). A latent model's
+        images are its decoded latents (``on_stage`` then also times the decode stage)."""
         config = self.model.config
         labels = labels_tensor(check_class_labels(config, class_labels, len(seeds)))
-        return generate_images(config.schedule, self.runners, seeds, labels, config.network.img_channels, on_stage)
+        channels = config.network.img_channels
+        return generate_images(config.schedule, self.runners, seeds, labels, channels, on_stage, self.decoder)
 
     # --- one stage at a time (the service's stage-level scheduler)
     def stage_noise(self, seeds: Sequence[int]) -> list[torch.Tensor]:
@@ -126,7 +137,9 @@ class CascadeEngine:
         """Stage ``index`` of the cascade for a batch: what one turn of :func:`lowdiff.sampler.run_cascade`'s
         loop does, for images that may come from different requests and entered the cascade at different
         times. ``condition`` is the previous stage's output as it returned it (this method upsamples it);
-        returns this stage's float64 output and the σ it hands the next stage (None after the last).
+        returns this stage's float64 output and the level (σ, or flow time t) it hands the next stage
+        (None after the last). A latent model's last stage also runs the decode stage (timed apart by
+        ``on_stage``), so what it returns after the last stage is always an image in about [−1, 1].
 
         Why here and not in the sampler: the batch's images share nothing but the stage, so the loop
         over stages moves to the caller, while the per-stage work (labels checked, condition upsampled,
@@ -140,7 +153,11 @@ class CascadeEngine:
         x = self.runners[stage.resolution].run_stage(stage, noise, labels, cond, sigma_cond)
         if on_stage is not None:
             on_stage(stage.resolution, time.perf_counter() - start)
-        return x, (float(stage.sigmas()[-1]) if stage.truncated else None)
+        if stage.truncated:
+            return x, stage.handoff_level
+        if self.decoder is not None:
+            x = run_decode(self.decoder, x, on_stage)
+        return x, None
 
     def denoised_preview(
         self,
@@ -153,10 +170,12 @@ class CascadeEngine:
         """D(x; σ) of stage ``index``'s hand-off ``x`` (at the σ it hands on), brought to the output
         resolution (nearest), float64 in [−1, 1]: a preview of the image. One extra evaluation, run only
         for images whose client asked for previews; a runtime that owns its stage loop (no stage
-        function) gets the model's reference PyTorch function (fp32) instead."""
+        function) gets the model's reference PyTorch function (fp32) instead. A latent (flow) stage's
+        evaluation is the velocity v at time t, so its preview is the predicted data x + (1 − t)·v,
+        brought to the last stage's latent resolution and decoded (one decode-stage call more)."""
         config = self.model.config
         stage = config.schedule.stages[index]
-        sigma = float(stage.sigmas()[-1])
+        sigma = stage.handoff_level
         labels = labels_tensor(check_class_labels(config, class_labels, x.shape[0]))
         runner = self.runners[stage.resolution]
         if isinstance(runner, FunctionStage):
@@ -176,7 +195,11 @@ class CascadeEngine:
             out = fn(to(x.float()), to(sig), to(labels), to(cond), to(csig))
         else:
             out = fn(x.float(), sig, labels, cond, csig)
-        return upsample_condition(out.detach().cpu().to(torch.float64), config.network.img_resolution)
+        out = out.detach().cpu().to(torch.float64)
+        if config.schedule.flow:
+            out = x.to(torch.float64) + (1.0 - sigma) * out
+        out = upsample_condition(out, config.network.img_resolution)
+        return out if self.decoder is None else self.decoder.decode(out)
 
     def warmup(self, batch_size: int = 1) -> None:
         labels = [0] * batch_size if self.model.config.conditional else None
@@ -195,8 +218,8 @@ class CascadeEngine:
             conditional=config.conditional,
             num_classes=config.num_classes,
             class_names=config.class_names,
-            image_channels=config.network.img_channels,
-            image_resolution=config.network.img_resolution,
+            image_channels=config.image_channels,
+            image_resolution=config.image_resolution,
             checkpoint_sha256=self.model.metadata.get("checkpoint_sha256"),
             engine_dir=self.engine_dir,
         )
@@ -245,18 +268,25 @@ def load_engine(
     runs one batch-1 cascade before it is returned, so the first real request pays no set-up cost.
     Every refusal is a :class:`lowdiff.errors.LowDiffError` naming the option concerned.
     """
+    if model.config.latent and kind in ENGINE_KINDS and kind not in LATENT_ENGINES:
+        raise SettingsError(
+            f"engine {kind!r} runs pixel (Heun) cascades only; a latent model runs on {', '.join(LATENT_ENGINES)}",
+            "engine",
+        )
     check_engine_options(kind, engine_dir, device)
     scratch = None
+    decoder: DecodeStage | None = None
     if kind == "torch":
-        from lowdiff.engines.torch_eager import torch_runners
+        from lowdiff.engines.torch_eager import torch_decoder, torch_runners
 
         runners = torch_runners(model, device, precision)
+        decoder = torch_decoder(model, device, precision)
     elif kind == "cudagraph":
         from lowdiff.engines.cudagraph import cudagraph_runners
 
         runners = cudagraph_runners(model, device, precision)
     elif kind == "onnxruntime":
-        from lowdiff.engines.onnxruntime_engine import onnxruntime_runners, providers_for
+        from lowdiff.engines.onnxruntime_engine import onnxruntime_decoder, onnxruntime_runners, providers_for
 
         providers_for(device)  # fail on a missing runtime or provider before spending time on export
         if engine_dir is None:
@@ -265,15 +295,18 @@ def load_engine(
             scratch = tempfile.TemporaryDirectory(prefix=f"lowdiff-onnx-{model.config.name}-")
             export_onnx(model, scratch.name)
         runners = onnxruntime_runners(model, engine_dir or scratch.name, device, precision, threads)
+        decoder = onnxruntime_decoder(model, engine_dir or scratch.name, device, threads)
     elif kind == "compile":
         from lowdiff.engines.compiled import compiled_runners
+        from lowdiff.engines.torch_eager import torch_decoder
 
         runners = compiled_runners(model, device, precision, engine_dir)
+        decoder = torch_decoder(model, device, precision)  # the decoder runs eager: one call per batch
     else:  # tensorrt
         from lowdiff.engines.tensorrt_engine import tensorrt_runners
 
         runners = tensorrt_runners(model, engine_dir, device, precision)  # type: ignore[arg-type]
-    engine = CascadeEngine(model, runners, kind, device, precision)
+    engine = CascadeEngine(model, runners, kind, device, precision, decoder)
     engine.scratch = scratch  # a temporary export lives (and is removed) with the engine
     engine.engine_dir = None if engine_dir is None else str(engine_dir)
     if warmup:

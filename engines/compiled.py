@@ -111,9 +111,12 @@ def compiled_runners(
         raise SettingsError("the CPU runs fp32 or bf16 (fp16 is for CUDA)", "precision")
     use_cache_dir(engine_dir)
     if dev.type == "cuda":
+        if model.config.latent:  # the CUDA-graph loop is Heun's; flow stages have none captured yet
+            raise SettingsError("'compile' on CUDA runs pixel (Heun) cascades only; use --device cpu", "device")
         return cudagraph_runners(model, device, precision, transform=compile_denoiser)
     compiled = compile_denoiser(copy.deepcopy(model.denoiser).eval())
+    null = model.config.null_label
     return {
-        r: FunctionStage(BucketedStage(TorchStage(compiled, r, dev, precision), DEFAULT_BUCKETS))
+        r: FunctionStage(BucketedStage(TorchStage(compiled, r, dev, precision), DEFAULT_BUCKETS), null_label=null)
         for r in model.config.resolutions
     }

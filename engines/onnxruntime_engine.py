@@ -16,7 +16,15 @@ import numpy as np
 import torch
 
 from lowdiff.errors import EngineUnavailable, SettingsError
-from lowdiff.export.manifest import OUTPUT, check_model_matches, read_manifest, stage_file
+from lowdiff.export.manifest import (
+    DECODER_INPUT,
+    DECODER_OUTPUT,
+    OUTPUT,
+    check_model_matches,
+    decoder_entry,
+    read_manifest,
+    stage_file,
+)
 from lowdiff.model import LowDiffModel
 from lowdiff.sampler import FunctionStage, StageRunner
 
@@ -107,5 +115,35 @@ def onnxruntime_runners(
         path = stage_file(engine_dir, stage)
         session = ort.InferenceSession(str(path), options, providers=providers)
         names = [i["name"] for i in stage["inputs"]]
-        runners[int(stage["resolution"])] = FunctionStage(OrtStage(session, names))
+        runners[int(stage["resolution"])] = FunctionStage(OrtStage(session, names), null_label=model.config.null_label)
     return runners
+
+
+class OrtDecode:
+    """The decode stage over an InferenceSession: float64 latents in, float64 images out (host)."""
+
+    def __init__(self, session: Any, resolution: int):
+        self.session = session
+        self.resolution = resolution
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        feed = np.ascontiguousarray(latents.detach().cpu().numpy(), dtype=np.float32)
+        (out,) = self.session.run([DECODER_OUTPUT], {DECODER_INPUT: feed})
+        return torch.from_numpy(out).to(torch.float64)
+
+
+def onnxruntime_decoder(
+    model: LowDiffModel, engine_dir: str | Path, device: str = "cpu", threads: int | None = None
+) -> OrtDecode | None:
+    """A latent model's decode stage from the folder's ``decoder.onnx`` (verified like every stage
+    file: inside the folder, sha256 as the manifest says, exported from this model's decoder)."""
+    if model.decoder is None:
+        return None
+    ort = import_onnxruntime()
+    manifest = read_manifest(engine_dir, expected_format="onnx")
+    check_model_matches(manifest, model, engine_dir)
+    entry = decoder_entry(manifest, engine_dir)
+    assert entry is not None  # check_model_matches refuses a latent model's folder without one
+    path = stage_file(engine_dir, entry)
+    session = ort.InferenceSession(str(path), session_options(threads), providers=providers_for(device))
+    return OrtDecode(session, model.config.image_resolution)

@@ -15,7 +15,7 @@ import copy
 import torch
 
 from lowdiff.errors import EngineUnavailable, SettingsError
-from lowdiff.model import PRECISIONS, LowDiffModel, TorchStage
+from lowdiff.model import PRECISIONS, LowDiffModel, TorchDecode, TorchStage
 from lowdiff.sampler import FunctionStage, StageRunner
 
 
@@ -43,4 +43,17 @@ def torch_runners(model: LowDiffModel, device: str, precision: str) -> dict[int,
         raise SettingsError("the CPU runs fp32 or bf16 (fp16 is for CUDA)", "precision")
     denoiser = model.denoiser if dev.type == "cpu" else copy.deepcopy(model.denoiser).to(dev)
     denoiser.eval()
-    return {r: FunctionStage(TorchStage(denoiser, r, dev, precision), dev) for r in model.config.resolutions}
+    null = model.config.null_label
+    return {
+        r: FunctionStage(TorchStage(denoiser, r, dev, precision), dev, null_label=null)
+        for r in model.config.resolutions
+    }
+
+
+def torch_decoder(model: LowDiffModel, device: str, precision: str) -> TorchDecode | None:
+    """A latent model's decode stage in eager PyTorch on ``device`` (None for a pixel model)."""
+    if model.decoder is None:
+        return None
+    dev = resolve_device(device)
+    decoder = model.decoder if dev.type == "cpu" else copy.deepcopy(model.decoder).to(dev)
+    return TorchDecode(decoder.eval(), model.config.resolutions[-1], dev, precision)

@@ -29,18 +29,34 @@ INPUT_LABELS = "class_labels"
 INPUT_CONDITION = "condition"
 INPUT_SIGMA_COND = "sigma_cond"
 OUTPUT = "denoised"
+# A latent (flow) stage's graph: "sigma" carries the flow time t, "denoised" the velocity, and there is no
+# "sigma_cond" (the DiT reads the condition's noise off the condition; an unused input would be dropped
+# from the graph by the exporter anyway). The decode stage: normalised latents in, images out.
+DECODER_INPUT = "latents"
+DECODER_OUTPUT = "images"
+DECODER_FILE = "decoder.onnx"
 
 
-def stage_input_names(stage_index: int, conditional: bool) -> list[str]:
+def stage_input_names(stage_index: int, conditional: bool, flow: bool = False) -> list[str]:
     names = [INPUT_X, INPUT_SIGMA]
     if conditional:
         names.append(INPUT_LABELS)
     if stage_index > 0:
-        names += [INPUT_CONDITION, INPUT_SIGMA_COND]
+        names += [INPUT_CONDITION] if flow else [INPUT_CONDITION, INPUT_SIGMA_COND]
     return names
 
 
-def stage_io(stage_index: int, resolution: int, channels: int, conditional: bool) -> dict[str, Any]:
+def decoder_io(latent_resolution: int, latent_channels: int, image_resolution: int, image_channels: int) -> dict:
+    """Input/output names, symbolic shapes and dtypes of the decode-stage graph."""
+    return {
+        "inputs": [{"name": DECODER_INPUT, "shape": ["batch", latent_channels, latent_resolution, latent_resolution],
+                    "dtype": "float32"}],
+        "outputs": [{"name": DECODER_OUTPUT, "shape": ["batch", image_channels, image_resolution, image_resolution],
+                     "dtype": "float32"}],
+    }  # fmt: skip
+
+
+def stage_io(stage_index: int, resolution: int, channels: int, conditional: bool, flow: bool = False) -> dict[str, Any]:
     """Input/output names, symbolic shapes ("batch" is dynamic) and dtypes of one stage graph."""
     image = ["batch", channels, resolution, resolution]
     specs = {
@@ -51,7 +67,8 @@ def stage_io(stage_index: int, resolution: int, channels: int, conditional: bool
         INPUT_SIGMA_COND: (["batch"], "float32"),
     }
     inputs = [
-        {"name": n, "shape": specs[n][0], "dtype": specs[n][1]} for n in stage_input_names(stage_index, conditional)
+        {"name": n, "shape": specs[n][0], "dtype": specs[n][1]}
+        for n in stage_input_names(stage_index, conditional, flow)
     ]
     outputs = [{"name": OUTPUT, "shape": image, "dtype": "float32"}]
     return {"inputs": inputs, "outputs": outputs}
@@ -89,6 +106,14 @@ def read_manifest(engine_dir: str | Path, expected_format: str | None = None) ->
     return manifest
 
 
+def decoder_entry(manifest: dict[str, Any], engine_dir: str | Path) -> dict[str, Any] | None:
+    """The manifest's decode stage (a latent model's), checked to be an object; None if it has none."""
+    entry = manifest.get("decoder")
+    if entry is not None and not isinstance(entry, dict):
+        raise ManifestError(f"{engine_dir}: 'decoder' must be an object")
+    return entry
+
+
 def stage_file(engine_dir: str | Path, stage: dict[str, Any]) -> Path:
     """The verified path of one stage's file: inside ``engine_dir`` and with the manifest's sha256.
 
@@ -122,3 +147,12 @@ def check_model_matches(manifest: dict[str, Any], model: Any, engine_dir: str | 
             f"{engine_dir}: exported from other weights (config {manifest['config_name']!r}, checkpoint "
             f"{str(manifest.get('checkpoint_sha256'))[:12]}); re-export it for this model"
         )
+    decoder = getattr(model, "decoder", None)
+    entry = decoder_entry(manifest, engine_dir)
+    if (decoder is None) != (entry is None):
+        raise ManifestError(
+            f"{engine_dir}: {'has no decode stage' if entry is None else 'has a decode stage'}, "
+            f"the model {'is latent' if decoder is not None else 'is not'}; re-export it for this model"
+        )
+    if decoder is not None and entry is not None and entry.get("weights_sha256") != weights_sha256(decoder):
+        raise ManifestError(f"{engine_dir}: its decoder was exported from other weights; re-export it for this model")

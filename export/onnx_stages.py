@@ -24,8 +24,19 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lowdiff.autoencoder import LatentDecoder
 from lowdiff.errors import ConfigError
-from lowdiff.export.manifest import MANIFEST_FORMAT, OUTPUT, stage_input_names, stage_io, write_manifest
+from lowdiff.export.manifest import (
+    DECODER_FILE,
+    DECODER_INPUT,
+    DECODER_OUTPUT,
+    MANIFEST_FORMAT,
+    OUTPUT,
+    decoder_io,
+    stage_input_names,
+    stage_io,
+    write_manifest,
+)
 from lowdiff.hashing import file_sha256, weights_sha256
 from lowdiff.model import LowDiffModel, config_to_dict
 from lowdiff.precond import Denoiser
@@ -69,14 +80,17 @@ def example_inputs(
     resolution = config.resolutions[stage_index]
     channels = config.network.img_channels
     out: list[torch.Tensor] = []
-    for name in stage_input_names(stage_index, config.conditional):
+    for name in stage_input_names(stage_index, config.conditional, config.latent):
         if name in ("x", "condition"):
             out.append(torch.randn(batch, channels, resolution, resolution, generator=generator))
+        elif name == "sigma" and config.latent:  # flow time t ∈ [0, 1]
+            out.append(torch.rand(batch, generator=generator))
         elif name in ("sigma", "sigma_cond"):
             # log-uniform over the sampler's σ range, so every preconditioning branch sees real values
             out.append(torch.exp(torch.rand(batch, generator=generator) * 10.6 - 6.2))
-        else:
-            out.append(torch.randint(0, config.num_classes, (batch,), generator=generator))
+        else:  # a latent model's labels include its null class (guidance's unconditional half)
+            top = config.num_classes + (1 if config.latent else 0)
+            out.append(torch.randint(0, top, (batch,), generator=generator))
     return out
 
 
@@ -84,7 +98,7 @@ def stage_parameter_count(model: LowDiffModel, resolution: int) -> int:
     """Parameters a stage evaluation reads: its sub-network, plus the class embedding if any."""
     net = model.denoiser.net
     names = net.stage_modules(resolution)
-    if model.config.conditional:
+    if model.config.conditional and not model.config.latent:  # the DiT lists its label table itself
         names.append("map_label")
     return sum(p.numel() for n in names for p in net.get_submodule(n).parameters())
 
@@ -111,8 +125,24 @@ def _versions(exporter: Exporter) -> dict[str, str | None]:
     return versions
 
 
-def _export_stage(graph: StageGraph, args: list[torch.Tensor], path: Path, opset: int, exporter: Exporter) -> None:
+class DecoderGraph(nn.Module):
+    """The decode stage as one graph: normalised latents → images (statistics inside the graph)."""
+
+    def __init__(self, decoder: LatentDecoder):
+        super().__init__()
+        self.decoder = decoder
+        self.input_names = (DECODER_INPUT,)
+        self.output_name = DECODER_OUTPUT
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder(latents)
+
+
+def _export_stage(
+    graph: StageGraph | DecoderGraph, args: list[torch.Tensor], path: Path, opset: int, exporter: Exporter
+) -> None:
     names = list(graph.input_names)
+    output = getattr(graph, "output_name", OUTPUT)
     with warnings.catch_warnings():
         # The TorchScript exporter warns about Python control flow on shapes (constant per stage)
         # and about its own deprecation; neither changes the graph.
@@ -123,8 +153,8 @@ def _export_stage(graph: StageGraph, args: list[torch.Tensor], path: Path, opset
                 tuple(args),
                 str(path),
                 input_names=names,
-                output_names=[OUTPUT],
-                dynamic_axes={n: {0: "batch"} for n in [*names, OUTPUT]},
+                output_names=[output],
+                dynamic_axes={n: {0: "batch"} for n in [*names, output]},
                 opset_version=opset,
                 do_constant_folding=True,
                 dynamo=False,
@@ -135,7 +165,7 @@ def _export_stage(graph: StageGraph, args: list[torch.Tensor], path: Path, opset
                 graph,
                 tuple(args),
                 input_names=names,
-                output_names=[OUTPUT],
+                output_names=[output],
                 dynamic_shapes=(tuple({0: batch} for _ in names),),
                 opset_version=opset,
                 dynamo=True,
@@ -170,7 +200,7 @@ def export_onnx(
     stages = []
     for k, stage in enumerate(config.schedule.stages):
         r = stage.resolution
-        names = stage_input_names(k, config.conditional)
+        names = stage_input_names(k, config.conditional, config.latent)
         graph = StageGraph(denoiser, r, names).eval()
         path = out / f"stage{r}.onnx"
         _export_stage(graph, example_inputs(model, k, 2, gen), path, opset, exporter)
@@ -184,11 +214,16 @@ def export_onnx(
                 "parameters": stage_parameter_count(model, r),
                 "initializer_elements": onnx_initializer_elements(path),
                 "nfe": stage.nfe,
-                **stage_io(k, r, config.network.img_channels, config.conditional),
+                **stage_io(k, r, config.network.img_channels, config.conditional, config.latent),
             }
         )
         if progress is not None:
             progress.update(1, stage=f"{r}×{r}")
+    decoder = None
+    if model.decoder is not None and config.autoencoder is not None:
+        decoder = _export_decoder(model, out, opset, exporter, check, gen)
+        if progress is not None:
+            progress.update(1, stage="decode")
     manifest = {
         "format": MANIFEST_FORMAT,
         "engine_format": "onnx",
@@ -205,11 +240,40 @@ def export_onnx(
         "exporter": {"name": f"torch.onnx.export ({exporter})", "versions": _versions(exporter)},
         "schedule": config.schedule.to_dict(),
         "stages": stages,
+        **({"decoder": decoder} if decoder is not None else {}),
         "notes": (
             "One graph per stage = one denoiser evaluation D(x; sigma) with preconditioning inside. "
             "Conditioned stages take 'sigma_cond', the condition's own noise level, because the "
-            "denoiser scales the condition by c_in(sigma_cond). Drive the stages with 'schedule'."
+            "denoiser scales the condition by c_in(sigma_cond). Drive the stages with 'schedule'. "
+            "A latent model's stages take the flow time t as 'sigma' and return the velocity; its "
+            "'decoder' graph turns the last stage's latents into images in [-1, 1]."
         ),
     }
     write_manifest(out, manifest)
     return manifest
+
+
+def _export_decoder(
+    model: LowDiffModel, out: Path, opset: int, exporter: Exporter, check: bool, gen: torch.Generator
+) -> dict[str, Any]:
+    """Write the decode stage's graph; returns its manifest entry (file, sha256, shapes, fingerprint)."""
+    import onnx
+
+    config = model.config
+    assert model.decoder is not None and config.autoencoder is not None
+    r, channels = config.resolutions[-1], config.network.img_channels
+    path = out / DECODER_FILE
+    example = [torch.randn(2, channels, r, r, generator=gen)]
+    _export_stage(DecoderGraph(model.decoder.eval()).eval(), example, path, opset, exporter)
+    if check:
+        onnx.checker.check_model(str(path))
+    return {
+        "file": path.name,
+        "sha256": file_sha256(path),
+        "latent_resolution": r,
+        "resolution": config.image_resolution,
+        "parameters": sum(p.numel() for p in model.decoder.parameters()),
+        "initializer_elements": onnx_initializer_elements(path),
+        "weights_sha256": weights_sha256(model.decoder),
+        **decoder_io(r, channels, config.image_resolution, config.image_channels),
+    }

@@ -15,7 +15,7 @@ mean and std over the training set, multiplier 1 for VA-VAE): the diffusion mode
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +32,15 @@ class AutoencoderConfig:
     out_channels: int = 3
     encoder_attn_levels: tuple[int, ...] = (4,)  # levels (0 = full resolution) with attention blocks
     decoder_attn_levels: tuple[int, ...] = (4,)
+    latent_multiplier: float = 1.0  # the diffusion model sees (z − mean) / std · multiplier
 
     @property
     def downsampling(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
+
+    def image_resolution(self, latent_resolution: int) -> int:
+        """The decoded image's side for a latent of side ``latent_resolution``."""
+        return latent_resolution * self.downsampling
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -181,7 +186,7 @@ class KLAutoencoder(nn.Module):
         # Per-channel latent statistics (buffers: saved with the weights, not trained).
         self.register_buffer("latent_mean", torch.zeros(1, config.z_channels, 1, 1))
         self.register_buffer("latent_std", torch.ones(1, config.z_channels, 1, 1))
-        self.latent_multiplier = 1.0
+        self.latent_multiplier = config.latent_multiplier
 
     def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The posterior's mean and log-variance (clamped to [−30, 20], as LDM) for images in [−1, 1]."""
@@ -198,3 +203,35 @@ class KLAutoencoder(nn.Module):
     def decode_normalized(self, x: torch.Tensor) -> torch.Tensor:
         """What the diffusion model generates (normalised latents) → images: undo the statistics, decode."""
         return self.decode(x / self.latent_multiplier * self.latent_std + self.latent_mean)
+
+
+class LatentDecoder(nn.Module):
+    """The half of a :class:`KLAutoencoder` that generation needs, as the pipeline's decode stage:
+    normalised latents (what the diffusion model generates) → images in about [−1, 1].
+
+    Kept apart from the encoder so that a latent model's checkpoint carries only what serving runs
+    (VA-VAE's encoder is as large as its decoder) and so that the decode stage exports to one ONNX graph
+    by itself. Its state-dict names are the autoencoder's (``decoder.*``, ``post_quant_conv.*``,
+    ``latent_mean``, ``latent_std``), so an autoencoder's weights load into it by name.
+    """
+
+    def __init__(self, config: AutoencoderConfig):
+        super().__init__()
+        self.config = config
+        self.decoder = Decoder(config)
+        self.post_quant_conv = nn.Conv2d(config.z_channels, config.z_channels, 1)
+        self.register_buffer("latent_mean", torch.zeros(1, config.z_channels, 1, 1))
+        self.register_buffer("latent_std", torch.ones(1, config.z_channels, 1, 1))
+
+    @classmethod
+    def from_autoencoder(cls, autoencoder: KLAutoencoder) -> LatentDecoder:
+        """The decoder of ``autoencoder`` with its statistics and multiplier (weights copied)."""
+        config = replace(autoencoder.config, latent_multiplier=float(autoencoder.latent_multiplier))
+        out = cls(config)
+        own = set(out.state_dict())
+        out.load_state_dict({k: v for k, v in autoencoder.state_dict().items() if k in own})
+        return out.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x / self.config.latent_multiplier * self.latent_std + self.latent_mean
+        return self.decoder(self.post_quant_conv(z))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
+from lowdiff.autoencoder import AutoencoderConfig
 from lowdiff.dit import DiTConfig
 from lowdiff.errors import ConfigError
 from lowdiff.network import NetworkConfig
@@ -92,6 +93,9 @@ class ModelConfig:
     description: str = ""
     class_names: tuple[str, ...] = ()  # one per class label (empty: the labels are only numbers)
     training: TrainingRecipe = field(default_factory=TrainingRecipe)
+    # A latent model's autoencoder (architecture, latent multiplier): its decoder is the pipeline's
+    # last stage, so a latent model always has one and a pixel model never.
+    autoencoder: AutoencoderConfig | None = None
 
     def __post_init__(self) -> None:
         if self.class_names and len(self.class_names) != self.num_classes:
@@ -101,6 +105,17 @@ class ModelConfig:
             raise ConfigError(
                 f"{self.name}: a DiT network, 'flow' preconditioning and flow stages go together, and only together",
                 "preconditioning",
+            )
+        if is_flow != (self.autoencoder is not None):
+            raise ConfigError(
+                f"{self.name}: a latent model needs its autoencoder (the decode stage), a pixel model has none",
+                "autoencoder",
+            )
+        if self.autoencoder is not None and self.autoencoder.z_channels != self.network.img_channels:
+            raise ConfigError(
+                f"{self.name}: the autoencoder's {self.autoencoder.z_channels} latent channels ≠ the network's "
+                f"{self.network.img_channels}",
+                "autoencoder",
             )
         if self.training.augment_p > 0 and self.network.augment_dim == 0:
             raise ConfigError(
@@ -121,6 +136,22 @@ class ModelConfig:
     def latent(self) -> bool:
         """A latent (DiT, rectified-flow) model: it generates autoencoder latents, not pixels."""
         return isinstance(self.network, DiTConfig)
+
+    @property
+    def image_resolution(self) -> int:
+        """The side of the images the model's pipeline returns (decoded, for a latent model)."""
+        if self.autoencoder is None:
+            return self.network.img_resolution
+        return self.autoencoder.image_resolution(self.network.img_resolution)
+
+    @property
+    def image_channels(self) -> int:
+        return self.network.img_channels if self.autoencoder is None else self.autoencoder.out_channels
+
+    @property
+    def null_label(self) -> int | None:
+        """The class index guidance uses for its unconditional half (a conditional latent model's)."""
+        return self.num_classes if self.latent and self.conditional else None
 
     @property
     def conditional(self) -> bool:
@@ -245,6 +276,11 @@ def _dit_b1(resolutions: tuple[int, ...]) -> DiTConfig:
     return DiTConfig(img_resolution=16, img_channels=32, label_dim=1000, resolutions=resolutions)
 
 
+# VA-VAE f16d32 (LightningDiT's tokenizer: LDM's KL autoencoder, 16× downsampling, 32 latent channels,
+# attention at the lowest level only); its latent multiplier is 1 (LightningDiT's config).
+VAVAE_F16D32 = AutoencoderConfig()
+
+
 def _builtin() -> dict[str, ModelConfig]:
     # Long on purpose: one flat table of every built-in config is easier to read than a generator.
     configs = [
@@ -344,6 +380,7 @@ def _builtin() -> dict[str, ModelConfig]:
             preconditioning="flow",
             description="LightningDiT-B/1 baseline, ImageNet 256×256 in VA-VAE latents (16×16×32), Euler NFE 100",
             training=LIGHTNINGDIT_RECIPE,
+            autoencoder=VAVAE_F16D32,
         ),
         ModelConfig(
             "lowdiff-dit-b1-imagenet256",
@@ -352,6 +389,7 @@ def _builtin() -> dict[str, ModelConfig]:
             preconditioning="flow",
             description="LowDiff on LightningDiT-B/1, latents 8×8 → 16×16, Euler NFE 45 + 50",
             training=LIGHTNINGDIT_RECIPE,
+            autoencoder=VAVAE_F16D32,
         ),
     ]
     return {c.name: c for c in configs}

@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from lowdiff.autoencoder import AutoencoderConfig, LatentDecoder
 from lowdiff.configs import BUILTIN_CONFIGS, SMALL_CPU_RECIPE, ModelConfig, TrainingRecipe, get_config
 from lowdiff.dit import DiTConfig
 from lowdiff.edm_import import import_snapshot
@@ -30,6 +31,8 @@ from lowdiff.sampler import FunctionStage, StageRunner, generate_images
 from lowdiff.schedule import CascadeSchedule
 
 CHECKPOINT_FORMAT = "lowdiff-checkpoint-v1"
+AUTOENCODER_WEIGHTS = "autoencoder_state_dict"  # a latent model's decoder (+ latent statistics), beside its DiT
+SAFETENSORS_AUTOENCODER_PREFIX = "autoencoder."  # the decoder's tensors in a .safetensors checkpoint
 SAFETENSORS_SUFFIX = ".safetensors"
 EDM_SNAPSHOT_SUFFIX = ".pkl"
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -55,7 +58,7 @@ def config_to_dict(config: ModelConfig) -> dict[str, Any]:
         "description": config.description,
         "class_names": list(config.class_names),
         "training": config.training.to_dict(),
-    }
+    } | ({} if config.autoencoder is None else {"autoencoder": asdict(config.autoencoder)})
 
 
 # Bounds on a network read from a file (a checkpoint, a config file): wide enough for any DDPM++ a
@@ -74,6 +77,46 @@ DIT_INT_BOUNDS = {
     "hidden_size": (4, 8192), "depth": (1, 128), "num_heads": (1, 128), "patch_size": (1, 16),
 }  # fmt: skip
 DIT_KEYS = {*DIT_INT_BOUNDS, "resolutions", "mlp_ratio", "label_dropout", "architecture"}
+
+
+# Bounds on an autoencoder read from a file: VA-VAE (ch 128, 5 levels, 32 latent channels) fits with room;
+# widths are multiples of 32 because every norm is GroupNorm(32).
+AUTOENCODER_INT_BOUNDS = {
+    "ch": (32, 1024), "num_res_blocks": (1, 8), "z_channels": (1, 256), "in_channels": (1, 16), "out_channels": (1, 16),
+}  # fmt: skip
+AUTOENCODER_MAX_LEVELS = 8
+
+
+def _autoencoder_from_dict(data: Any) -> AutoencoderConfig:
+    """An :class:`AutoencoderConfig` from untrusted data: keys, types and ranges checked (ValueError)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"autoencoder must be a dict, got {type(data).__name__}")
+    unknown = set(data) - set(AutoencoderConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown autoencoder key(s) {sorted(unknown)}")
+    ae = dict(data)
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key, (low, high) in AUTOENCODER_INT_BOUNDS.items():
+        if key in ae and not (is_int(ae[key]) and low <= ae[key] <= high):
+            raise ValueError(f"autoencoder.{key} must be an integer in [{low}, {high}], got {ae[key]!r}")
+    if ae.get("ch", 128) % 32:
+        raise ValueError(f"autoencoder.ch must be a multiple of 32 (GroupNorm(32)), got {ae['ch']!r}")
+    mult = ae.get("ch_mult", AutoencoderConfig.ch_mult)
+    if not isinstance(mult, list | tuple) or not 2 <= len(mult) <= AUTOENCODER_MAX_LEVELS:
+        raise ValueError(f"autoencoder.ch_mult must be a list of 2 to {AUTOENCODER_MAX_LEVELS} integers, got {mult!r}")
+    if not all(is_int(v) and 1 <= v <= 16 for v in mult):
+        raise ValueError(f"autoencoder.ch_mult must hold integers in [1, 16], got {mult!r}")
+    ae["ch_mult"] = tuple(mult)
+    for key in ("encoder_attn_levels", "decoder_attn_levels"):
+        levels = ae.get(key, ())
+        if not isinstance(levels, list | tuple) or not all(is_int(v) and 0 <= v < len(mult) for v in levels):
+            raise ValueError(f"autoencoder.{key} must list levels in [0, {len(mult) - 1}], got {levels!r}")
+        ae[key] = tuple(levels)
+    ae["latent_multiplier"] = _number(ae, "latent_multiplier", 1e-6, 1e6, 1.0)
+    return AutoencoderConfig(**ae)
 
 
 def _number(net: dict, key: str, low: float, high: float, default: float) -> float:
@@ -151,14 +194,16 @@ def config_from_dict(data: Any) -> ModelConfig:
     if missing:
         raise ConfigError(f"missing key(s) {sorted(missing)}", "config")
     known = {"name", "network", "schedule", "preconditioning", "pad", "description", "class_names", "training"}
+    known.add("autoencoder")
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)}", "config")
     try:
         network = _network_from_dict(data["network"])
         schedule = CascadeSchedule.from_dict(data["schedule"])
+        autoencoder = None if data.get("autoencoder") is None else _autoencoder_from_dict(data["autoencoder"])
     except (TypeError, KeyError, ValueError, ConfigError) as exc:
-        raise ConfigError(f"invalid network or schedule ({type(exc).__name__}: {exc})", "config") from None
+        raise ConfigError(f"invalid network, schedule or autoencoder ({type(exc).__name__}: {exc})", "config") from None
     if data["preconditioning"] not in PRECONDITIONINGS:
         raise ConfigError(f"unknown preconditioning {data['preconditioning']!r}", "config")
     if schedule.resolutions != network.resolutions:
@@ -179,6 +224,7 @@ def config_from_dict(data: Any) -> ModelConfig:
             description=str(data.get("description", "")),
             class_names=tuple(names),
             training=_training_from_dict(data.get("training")),
+            autoencoder=autoencoder,
         )
     except ConfigError as exc:
         raise ConfigError(f"{exc.field}: {exc.message}", "config") from None
@@ -274,12 +320,39 @@ class TorchStage:
         return out.float()
 
 
+class TorchDecode:
+    """The reference decode stage: a latent model's :class:`LatentDecoder` in eager PyTorch on ``device``
+    (fp32 or autocast). Takes the cascade's float64 latents on the host, returns float64 images in about
+    [−1, 1] on the host, and says which resolution it produces (its key in per-stage timings)."""
+
+    def __init__(self, decoder: LatentDecoder, latent_resolution: int, device: torch.device | None = None,
+                 precision: str = "fp32"):  # fmt: skip
+        if precision not in PRECISIONS:
+            raise ConfigError(f"expected one of {', '.join(PRECISIONS)}, got {precision!r}", "precision")
+        self.decoder = decoder
+        self.device = device or torch.device("cpu")
+        self.autocast_dtype = PRECISIONS[precision]
+        self.resolution = decoder.config.image_resolution(latent_resolution)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        enabled = self.autocast_dtype is not None
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=enabled):
+            out = self.decoder(latents.to(self.device, torch.float32))
+        return out.float().cpu().to(torch.float64)
+
+
 class LowDiffModel:
-    def __init__(self, config: ModelConfig, denoiser: Denoiser | None = None):
+    def __init__(self, config: ModelConfig, denoiser: Denoiser | None = None, decoder: LatentDecoder | None = None):
         self.config = config
         if denoiser is None:
             denoiser = Denoiser.build(config.network, config.preconditioning)
         self.denoiser = denoiser.eval()
+        if decoder is None and config.autoencoder is not None:
+            decoder = LatentDecoder(config.autoencoder)
+        if (decoder is None) != (config.autoencoder is None):
+            raise ConfigError(f"{config.name}: a decoder goes with a latent config and only with one", "autoencoder")
+        self.decoder = None if decoder is None else decoder.eval()
         self.metadata: dict[str, Any] = {}
 
     @classmethod
@@ -296,14 +369,18 @@ class LowDiffModel:
             raise ConfigError(
                 f"resolutions {schedule.resolutions} differ from the model's {self.config.resolutions}", "schedule"
             )
-        other = LowDiffModel(replace(self.config, schedule=schedule), self.denoiser)
+        other = LowDiffModel(replace(self.config, schedule=schedule), self.denoiser, self.decoder)
         other.metadata = self.metadata
         return other
 
     def reference_runners(self) -> dict[int, StageRunner]:
         """Eager PyTorch on the CPU, fp32: the reference every engine is compared with."""
-        null = self.config.num_classes if self.config.latent and self.config.conditional else None
+        null = self.config.null_label
         return {r: FunctionStage(TorchStage(self.denoiser, r), null_label=null) for r in self.config.resolutions}
+
+    def reference_decoder(self) -> TorchDecode | None:
+        """The decode stage in eager PyTorch on the CPU (None for a pixel model)."""
+        return None if self.decoder is None else TorchDecode(self.decoder, self.config.resolutions[-1])
 
     @torch.no_grad()
     def generate(self, seeds: Sequence[int], class_labels: Sequence[int] | None = None) -> torch.Tensor:
@@ -313,7 +390,9 @@ class LowDiffModel:
         :func:`~lowdiff.sampler.generate_images` with its own runners."""
         labels = labels_tensor(check_class_labels(self.config, class_labels, len(seeds)))
         channels = self.config.network.img_channels
-        return generate_images(self.schedule, self.reference_runners(), seeds, labels, channels)
+        return generate_images(
+            self.schedule, self.reference_runners(), seeds, labels, channels, decode=self.reference_decoder()
+        )
 
     # --- checkpoints ---
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
@@ -323,6 +402,8 @@ class LowDiffModel:
             "state_dict": self.denoiser.net.state_dict(),
             "metadata": self.metadata,
         }
+        if self.decoder is not None:
+            payload[AUTOENCODER_WEIGHTS] = self.decoder.state_dict()
         if extra:
             payload.update(extra)
         path = Path(path)
@@ -355,9 +436,35 @@ def load_model(checkpoint: str | Path | None = None, config: str | None = None) 
     weights = payload.get("ema_state_dict", payload.get("state_dict"))
     if not isinstance(weights, dict) or not weights:
         raise CheckpointError(f"{path}: holds no weights (state_dict)", "checkpoint")
-    expected = model.denoiser.net.state_dict()
+    _check_weights(path, weights, model.denoiser.net.state_dict(), f"config {model_config.name!r}")
+    model.denoiser.net.load_state_dict(weights)
+    if model.decoder is not None:
+        decoder_weights = payload.get(AUTOENCODER_WEIGHTS)
+        if not isinstance(decoder_weights, dict) or not decoder_weights:
+            raise CheckpointError(
+                f"{path}: a latent model's checkpoint must hold its decoder ({AUTOENCODER_WEIGHTS})", "checkpoint"
+            )
+        _check_weights(path, decoder_weights, model.decoder.state_dict(), f"the autoencoder of {model_config.name!r}")
+        std = decoder_weights["latent_std"]
+        if not bool(torch.isfinite(std).all()) or not bool((std > 0).all()):
+            raise CheckpointError(f"{path}: the latent statistics' std must be finite and positive", "checkpoint")
+        model.decoder.load_state_dict(decoder_weights)
+    elif AUTOENCODER_WEIGHTS in payload:
+        raise CheckpointError(f"{path}: a pixel model's checkpoint holds autoencoder weights", "checkpoint")
+    metadata = payload.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: metadata must be a dict, got {type(metadata).__name__}", "checkpoint")
+    model.metadata = dict(metadata)
+    model.metadata["checkpoint_sha256"] = file_sha256(path)
+    model.metadata["checkpoint_path"] = str(path)
+    return model
+
+
+def _check_weights(path: Path, weights: dict, expected: dict[str, torch.Tensor], what: str) -> None:
+    """Every expected tensor present with its shape, nothing else: a :class:`CheckpointError` naming
+    the first offenders of each kind otherwise."""
     missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
+    unexpected = sorted(str(k) for k in set(weights) - set(expected))
     wrong = sorted(
         k
         for k in set(expected) & set(weights)
@@ -369,17 +476,7 @@ def load_model(checkpoint: str | Path | None = None, config: str | None = None) 
             for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
             if keys
         ]
-        raise CheckpointError(
-            f"{path}: weights do not fit config {model_config.name!r}: {', '.join(parts)}", "checkpoint"
-        )
-    model.denoiser.net.load_state_dict(weights)
-    metadata = payload.get("metadata", {})
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{path}: metadata must be a dict, got {type(metadata).__name__}", "checkpoint")
-    model.metadata = dict(metadata)
-    model.metadata["checkpoint_sha256"] = file_sha256(path)
-    model.metadata["checkpoint_path"] = str(path)
-    return model
+        raise CheckpointError(f"{path}: weights do not fit {what}: {', '.join(parts)}", "checkpoint")
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -444,10 +541,13 @@ def safetensors_bytes(payload: dict[str, Any]) -> bytes:
     the diffusers world read the weights and LowDiff reads the model back from the file alone."""
     from safetensors.torch import save
 
-    extra = {k: v for k, v in payload.items() if k not in ("format", "config", "state_dict", "metadata")}
+    kept = ("format", "config", "state_dict", "metadata", AUTOENCODER_WEIGHTS)
+    extra = {k: v for k, v in payload.items() if k not in kept}
     if extra:
         raise CheckpointError(f"a .safetensors checkpoint holds weights only, not {sorted(extra)}", "out")
     tensors = {k: v.detach().cpu().contiguous() for k, v in payload["state_dict"].items()}
+    for k, v in payload.get(AUTOENCODER_WEIGHTS, {}).items():
+        tensors[SAFETENSORS_AUTOENCODER_PREFIX + k] = v.detach().cpu().contiguous()
     header = {
         "format": CHECKPOINT_FORMAT,
         "config": json.dumps(payload["config"]),
@@ -476,4 +576,8 @@ def read_safetensors(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: not a LowDiff checkpoint (no {CHECKPOINT_FORMAT} config in its header)", "checkpoint"
         )
-    return {"format": CHECKPOINT_FORMAT, "config": config, "state_dict": tensors, "metadata": metadata}
+    prefix = SAFETENSORS_AUTOENCODER_PREFIX
+    decoder = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
+    payload = {"format": CHECKPOINT_FORMAT, "config": config, "state_dict": tensors, "metadata": metadata}
+    return payload | ({AUTOENCODER_WEIGHTS: decoder} if decoder else {})

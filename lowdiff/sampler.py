@@ -46,6 +46,16 @@ class StageRunner(Protocol):
     ) -> torch.Tensor: ...
 
 
+class DecodeStage(Protocol):
+    """A latent model's last pipeline stage: the cascade's float64 latents → float64 images in about
+    [−1, 1]. ``resolution`` is the side of the images it makes, its key in per-stage timings (as a
+    diffusion stage's resolution is), so benchmarks and metrics show it as one more stage."""
+
+    resolution: int
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+
 StageCallback = Callable[[int, float], None]  # (resolution, seconds)
 
 
@@ -223,6 +233,15 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
+def run_decode(decode: DecodeStage, latents: torch.Tensor, on_stage: StageCallback | None = None) -> torch.Tensor:
+    """The decode stage on the cascade's output, timed like a stage (``on_stage(decode.resolution, s)``)."""
+    start = time.perf_counter()
+    images = decode.decode(latents)
+    if on_stage is not None:
+        on_stage(decode.resolution, time.perf_counter() - start)
+    return images
+
+
 def generate_images(
     schedule: CascadeSchedule,
     runners: Mapping[int, StageRunner],
@@ -230,6 +249,11 @@ def generate_images(
     class_labels: torch.Tensor | None,
     channels: int,
     on_stage: StageCallback | None = None,
+    decode: DecodeStage | None = None,
 ) -> torch.Tensor:
-    """uint8 images [B, C, R, R]: :func:`run_cascade` then :func:`to_uint8` (labels already validated)."""
-    return to_uint8(run_cascade(schedule, runners, seeds, class_labels, channels, on_stage))
+    """uint8 images [B, C, R, R]: :func:`run_cascade`, the decode stage of a latent model (its images,
+    never its latents, are what a caller gets), then :func:`to_uint8` (labels already validated)."""
+    x = run_cascade(schedule, runners, seeds, class_labels, channels, on_stage)
+    if decode is not None:
+        x = run_decode(decode, x, on_stage)
+    return to_uint8(x)

@@ -21,6 +21,7 @@ import pytest
 import torch
 import uvicorn
 
+from lowdiff.autoencoder import AutoencoderConfig
 from lowdiff.configs import ModelConfig, get_config
 from lowdiff.dit import DiTConfig
 from lowdiff.engines import EngineInfo
@@ -86,7 +87,8 @@ def make_tiny_latent_config(
     resolutions: tuple[int, ...] = (4, 8), guidance_scale: float = 1.0, channels: int = 4
 ) -> ModelConfig:
     """A DiT of the B/1 recipe shrunk to width 32, depth 2, 2 heads, on 8×8×``channels`` latents, 10
-    classes, with short flow stages (6 + 4 Euler steps, or 8 for a single stage)."""
+    classes, with short flow stages (6 + 4 Euler steps, or 8 for a single stage), and a tiny KL
+    autoencoder (width 32, one downsampling, attention at the latent level) whose decoder makes 16×16 RGB."""
     net = DiTConfig(
         img_resolution=resolutions[-1], img_channels=channels, label_dim=10, resolutions=resolutions,
         hidden_size=32, depth=2, num_heads=2,
@@ -98,7 +100,14 @@ def make_tiny_latent_config(
         stages = (FlowStageSchedule(resolutions[0], 8, truncate_at=6, **guide),)
         stages += tuple(FlowStageSchedule(r, 4, truncate_at=2, **guide) for r in resolutions[1:-1])
         stages += (FlowStageSchedule(resolutions[-1], 4, **guide),)
-    return ModelConfig(name="tiny-latent", network=net, schedule=CascadeSchedule(stages), preconditioning="flow")
+    autoencoder = AutoencoderConfig(
+        ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=channels,
+        encoder_attn_levels=(), decoder_attn_levels=(1,),
+    )  # fmt: skip
+    return ModelConfig(
+        name="tiny-latent", network=net, schedule=CascadeSchedule(stages), preconditioning="flow",
+        autoencoder=autoencoder,
+    )  # fmt: skip
 
 
 def make_tiny_latent_model(seed: int = 0, **kwargs: Any) -> LowDiffModel:

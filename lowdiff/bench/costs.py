@@ -129,7 +129,7 @@ def stage_call(engine: Any, resolution: int, batch: int, seed: int = 0) -> Stage
     runner = engine.runners[resolution]
     channels = config.network.img_channels
     gen = torch.Generator().manual_seed(seed)
-    sigmas = stage.sigmas()
+    sigmas = stage.times() if config.schedule.flow else stage.sigmas()  # a flow stage's levels are times t
     sigma = float(sigmas[len(sigmas) // 2]) or 1.0
     noise = torch.randn(batch, channels, resolution, resolution, generator=gen, dtype=torch.float64)
     labels = torch.arange(batch) % config.num_classes if config.conditional else None

@@ -28,7 +28,10 @@ def markdown_table(report: dict[str, Any]) -> str:
     ]
     for r in report["results"]:
         nfe = " / ".join(f"{s['resolution']}: {s['nfe']}" for s in r["stages"])
-        lat = " / ".join(f"{s['resolution']}: {s['latency_s_mean']:.3f}" for s in r["stages"])
+        lat = " / ".join(
+            f"{s['resolution']}{' decode' if s.get('stage') == 'decode' else ''}: {s['latency_s_mean']:.3f}"
+            for s in r["stages"]
+        )
         lines.append(
             f"| {r['config']} | {r['engine']} {r['precision']} ({r['threads']} thr) | {r['device']} | {r['batch']} | "
             f"{r['latency_s_mean']:.3f} | {r['latency_s_p50']:.3f} | {r['latency_s_p90']:.3f} | "

@@ -60,7 +60,9 @@ def run(args: argparse.Namespace) -> None:
         raise SettingsError(f"{args.out} exists and is not a folder", "out")
     created = not args.out.exists()
     stages = len(model.config.schedule.stages)
-    units = stages if args.format == "onnx" else 2 * stages
+    if model.config.latent and args.format != "onnx":
+        raise SettingsError("a latent model exports to ONNX only (TensorRT has no flow or decode stage yet)", "format")
+    units = stages + (1 if model.decoder is not None else 0) if args.format == "onnx" else 2 * stages
     try:
         with Progress(units, f"exporting {args.format}", "step", stream=progress_stream(args)) as progress:
             if args.format == "onnx":
@@ -77,6 +79,10 @@ def run(args: argparse.Namespace) -> None:
     for stage in manifest["stages"]:
         r = stage["resolution"]
         print(f"{args.out / stage['file']}  ({r}×{r}, {stage['parameters']:,} params)")
+    if "decoder" in manifest:
+        decoder = manifest["decoder"]
+        r = decoder["resolution"]
+        print(f"{args.out / decoder['file']}  (decode → {r}×{r}, {decoder['parameters']:,} params)")
     print(args.out / MANIFEST_NAME)
     if args.config is not None:
         print(f"note: {args.config} exported with random weights (--config); use --checkpoint for a trained model")
