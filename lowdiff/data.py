@@ -194,3 +194,33 @@ def load_split(
     train = prepare_images(images[train_idx], pad, res, chans)
     held = prepare_images(images[held_idx], pad, res, chans)
     return train, held, labels[train_idx], labels[held_idx]
+
+
+def load_latents(path: Path, channels: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A latent config's training set: a ``.pt`` file ``{"latents": float [N, C, R, R], "labels": int [N]}``
+    (labels optional) holding images already encoded by the model's autoencoder and normalised with its
+    latent statistics. Read weights-only (tensors, never code); shape, finiteness and labels checked."""
+    if not path.is_file():
+        raise DataError(f"latents file not found: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a latents file"
+        raise DataError(f"{path}: not a readable weights-only .pt file ({type(exc).__name__})") from None
+    latents = data.get("latents") if isinstance(data, dict) else None
+    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+        raise DataError(f"{path}: expected a dict with a float tensor 'latents' [N, C, R, R]")
+    if latents.ndim != 4 or tuple(latents.shape[1:]) != (channels, resolution, resolution) or len(latents) == 0:
+        raise DataError(
+            f"{path}: latents must be [N, {channels}, {resolution}, {resolution}] for this config, "
+            f"got {tuple(latents.shape)}"
+        )
+    if not bool(torch.isfinite(latents).all()):
+        raise DataError(f"{path}: latents must be finite")
+    labels = data.get("labels")
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.shape != (len(latents),):
+            raise DataError(f"{path}: labels must be an integer tensor [N] with N = {len(latents)}")
+        if len(labels) and int(labels.min()) < 0:
+            raise DataError(f"{path}: labels must be ≥ 0")
+        labels = labels.long()
+    return latents.float().contiguous(), labels

@@ -48,8 +48,10 @@ from torch.nn.parallel import DistributedDataParallel
 from lowdiff.augment import AUGMENT_LABELS, AugmentPipe
 from lowdiff.configs import LossWeighting, ModelConfig
 from lowdiff.errors import CheckpointError, ConfigError, SettingsError
+from lowdiff.flow_training import flow_cascade_loss
 from lowdiff.imaging import save_png, tile
 from lowdiff.model import (
+    AUTOENCODER_WEIGHTS,
     CHECKPOINT_FORMAT,
     LowDiffModel,
     TorchStage,
@@ -247,7 +249,7 @@ def sample_grid(
     are the same as on the CPU up to the device's arithmetic."""
     seeds = [seed0 + i for i in range(rows * cols)]
     labels = [i // cols % max(model.config.num_classes, 1) for i in range(rows * cols)]
-    if device is None or device.type == "cpu":
+    if device is None or device.type == "cpu" or model.config.latent:  # latent grids: decoded on the CPU
         images = model.generate(seeds, labels if model.config.conditional else None)
     else:
         checked = labels_tensor(
@@ -333,6 +335,8 @@ class Trainer:
             raise SettingsError(
                 f"the batch of {self.recipe.batch_size} does not split evenly over {world} processes", "batch_size"
             )
+        if config.latent and world > 1:
+            raise SettingsError("latent (flow) configs train in one process for now", "config")
         self.share = self.recipe.batch_size // world  # this rank's images per step
         self.offset = self.dist.rank * self.share
         self.batch_gpu = options.batch_gpu or self.share
@@ -374,6 +378,7 @@ class Trainer:
                 "config": config_to_dict(self.config),
                 "state_dict": self.denoiser.net.state_dict(),
                 "ema_state_dict": self.ema.state_dict(),
+                **({} if self.model.decoder is None else {AUTOENCODER_WEIGHTS: self.model.decoder.state_dict()}),
                 "optimizer": self.optimizer.state_dict(),
                 "metadata": self.metadata(),
                 "train_state": {
@@ -410,6 +415,8 @@ class Trainer:
             self.denoiser.net.load_state_dict(payload["state_dict"])
             self.ema.load_state_dict(payload["ema_state_dict"])
             self.optimizer.load_state_dict(payload["optimizer"])
+            if self.model.decoder is not None:  # a latent run's autoencoder travels with it
+                self.model.decoder.load_state_dict(payload[AUTOENCODER_WEIGHTS])
             state = payload["train_state"]
             self.step, self.nimg = int(state["step"]), int(state["nimg"])
             self.skipped_steps, self.wall_seconds = int(state["skipped_steps"]), float(state["wall_seconds"])
@@ -454,6 +461,8 @@ class Trainer:
         weights = source.denoiser.net.state_dict()
         self.denoiser.net.load_state_dict(weights)
         self.ema.load_state_dict(weights)
+        if self.model.decoder is not None and source.decoder is not None:
+            self.model.decoder.load_state_dict(source.decoder.state_dict())  # the latents' own autoencoder
         if keep_count:
             meta = source.metadata
             self.step = int(meta.get("step", 0))
@@ -461,7 +470,7 @@ class Trainer:
             self.wall_seconds = float(meta.get("wall_seconds", 0.0))
 
     def ema_model(self) -> LowDiffModel:
-        model = LowDiffModel(self.config)
+        model = LowDiffModel(self.config, decoder=self.model.decoder)
         model.denoiser.net.load_state_dict({k: v.cpu() for k, v in self.ema.state_dict().items()})
         model.metadata = self.metadata()
         return model
@@ -471,6 +480,8 @@ class Trainer:
 
         Returns the per-resolution mean losses of this rank's images, or None if the step was skipped (a
         non-finite gradient, the same decision on every rank since gradients are all-reduced)."""
+        if self.config.latent:
+            return self._flow_step(images, labels)
         recipe, device = self.recipe, self.device
         share = images.shape[0]
         batch = share * self.dist.world
@@ -503,13 +514,35 @@ class Trainer:
                 (total.float().sum() * (self.dist.world / batch)).backward()
             for r, v in per_res.items():
                 sums[r] = sums.get(r, 0) + v.detach().float().sum()
+        if not self._update(batch):
+            return None
+        return {r: float(v) / share for r, v in sums.items()}
+
+    def _flow_step(self, latents: torch.Tensor, labels: torch.Tensor | None) -> dict[int, float] | None:
+        """A latent config's step: the flow loss of :mod:`lowdiff.flow_training` on a batch of normalised
+        latents (one process, one round), then the same update as a pixel step (skip, clip, ramp, EMA)."""
+        self.denoiser.train()
+        gen = step_generator(self.options.seed, self.iteration, "noise", self.device)
+        latents = latents.to(self.device, non_blocking=True)
+        labels = None if labels is None else labels.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.options.precision == "bf16")
+        with autocast:
+            total, per_res = flow_cascade_loss(self.denoiser, self.config, latents, labels, gen)
+        total.float().backward()
+        return per_res if self._update(latents.shape[0]) else None
+
+    def _update(self, batch: int) -> bool:
+        """After the backward pass: skip a non-finite step (False), else clip, ramp the learning rate,
+        step the optimizer and the EMA (True)."""
+        recipe = self.recipe
         params = [p for p in self.denoiser.parameters() if p.grad is not None]
         finite = bool(torch.stack([p.grad.isfinite().all() for p in params]).all()) if params else False
         if not finite:
             # EDM zeroes non-finite gradient elements (nan_to_num) and steps anyway; a whole step is
             # skipped here instead, so one bad batch never moves the weights at all.
             self.skipped_steps += 1
-            return None
+            return False
         if recipe.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
         ramp = max(recipe.lr_rampup_kimg * 1000, 1)
@@ -525,7 +558,7 @@ class Trainer:
         with torch.no_grad():
             for p_ema, p in zip(self.ema.parameters(), self.denoiser.net.parameters()):
                 p_ema.lerp_(p.detach(), 1 - beta)
-        return {r: float(v) / share for r, v in sums.items()}
+        return True
 
     def loader(self, images: torch.Tensor, labels: torch.Tensor | None) -> torch.utils.data.DataLoader:
         """This rank's batches from the step being resumed on: workers and pinned memory on a GPU."""

@@ -43,7 +43,13 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--config", required=True, help="a built-in config name (`lowdiff models`) or a JSON config file (README)"
     )
-    p.add_argument("--data", type=Path, required=True, help=".npz (images, labels), image folder or CIFAR-10 tarball")
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help=".npz (images, labels), image folder or CIFAR-10 tarball; for a latent config a .pt of "
+        "{'latents': [N, C, R, R] normalised, 'labels': [N]}",
+    )
     p.add_argument("--run-dir", type=Path, required=True, help="folder for checkpoint.pt and sample grids")
     p.add_argument(
         "--holdout-per-class",
@@ -183,13 +189,26 @@ def _train(args: argparse.Namespace, distributed: Any) -> None:
         raise SettingsError("give --init-from or --init-from-edm, not both", "init_from_edm")
     if args.keep_count and args.init_from is None:
         raise SettingsError("only with --init-from", "keep_count")
-    images, labels = load_dataset(args.data)
-    train_idx, _ = holdout_split(labels, args.holdout_per_class)
-    if len(train_idx) == 0:
-        raise DataError(f"{args.data}: the hold-out of {args.holdout_per_class} per class leaves nothing to train on")
     net = config.network
-    x = prepare_images(images[train_idx], config.pad, net.img_resolution, net.img_channels)
-    y = labels[train_idx] if config.conditional else None
+    if config.latent:  # latents encoded by the model's autoencoder, normalised (no hold-out, no padding)
+        import torch
+
+        from lowdiff.data import load_latents
+
+        x, labels = load_latents(args.data, net.img_channels, net.img_resolution)
+        if config.conditional and labels is None:
+            raise DataError(f"{args.data}: {config.name} is class-conditional; the latents file needs 'labels'")
+        y = labels if config.conditional else None
+        labels = labels if labels is not None else torch.zeros(len(x), dtype=torch.long)
+    else:
+        images, labels = load_dataset(args.data)
+        train_idx, _ = holdout_split(labels, args.holdout_per_class)
+        if len(train_idx) == 0:
+            raise DataError(
+                f"{args.data}: the hold-out of {args.holdout_per_class} per class leaves nothing to train on"
+            )
+        x = prepare_images(images[train_idx], config.pad, net.img_resolution, net.img_channels)
+        y = labels[train_idx] if config.conditional else None
     if y is not None:
         found = int(labels.max()) + 1
         if found > config.num_classes:
