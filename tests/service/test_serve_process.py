@@ -185,7 +185,10 @@ def test_requests_open_at_the_end_of_the_drain_get_503_never_500(
         assert all(r.headers.get("retry-after") for r in results)
         assert all(r.json()["error"].startswith("server is shutting down") for r in results)
         assert code == 0, server.log_path.read_text()[-3000:]
-        limit = 5.0 if second_signal else grace + 2.0  # the second signal cut a 30 s grace short
+        # The 503s above already show the queued work was cut off, not finished. The bound shows the exit
+        # follows the grace (or the second signal, which cuts a 30 s grace short) and not the work: the
+        # batch in flight must still end, which took up to 4.6 s at load average 7–9 on a 2-core machine.
+        limit = 12.0 if second_signal else grace + 8.0
         assert elapsed < limit, f"exited {elapsed:.1f} s after SIGTERM (limit {limit} s)"
     finally:
         server.close()
