@@ -125,6 +125,8 @@ class Service:
         (a resolution the model lacks is a SettingsError: `lowdiff serve` exits 2 naming the flag)."""
         s = self.settings
         if s.scheduler == "cascade":
+            if s.max_batch_per_stage is not None:
+                log.warning("--max-batch-per-stage is ignored: it applies to --scheduler staged only")
             return Batcher(engine, self.executor, self.metrics, s.max_batch, s.max_delay_ms / 1000, s.max_queue)
         assert self.engine_info is not None
         resolutions = self.engine_info.resolutions

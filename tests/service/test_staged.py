@@ -162,7 +162,13 @@ def test_a_request_arriving_mid_cascade_is_answered_earlier_than_whole_cascade_b
     assert staged == {1: 10, 7: 16}
 
 
-def test_cancelled_request_skips_its_remaining_stages(tiny_fast_model) -> None:
+def abandoned(metrics: ServiceMetrics, metric_value, resolution: str) -> float:
+    return metric_value(
+        metrics.exposition().decode(), "lowdiff_stage_images_abandoned_total", {"resolution": resolution}
+    )
+
+
+def test_cancelled_request_skips_its_remaining_stages(tiny_fast_model, metric_value) -> None:
     engine = Recording(load_engine(tiny_fast_model(), "torch"))
     metrics = ServiceMetrics()
 
@@ -176,16 +182,16 @@ def test_cancelled_request_skips_its_remaining_stages(tiny_fast_model) -> None:
         engine.hold.set()
         for _ in range(200):
             await asyncio.sleep(0.01)
-            if metrics.stage_images_abandoned.labels("16")._value.get() >= 2:
+            if abandoned(metrics, metric_value, "16") >= 2:
                 break
         await batcher.close()
 
     asyncio.run(scenario())
     assert engine.stages == [(0, 2)]  # stage 16 and 32 never ran
-    assert metrics.stage_images_abandoned.labels("16")._value.get() == 2
+    assert abandoned(metrics, metric_value, "16") == 2
 
 
-def test_a_request_past_its_deadline_stops_at_the_next_stage(tiny_fast_model) -> None:
+def test_a_request_past_its_deadline_stops_at_the_next_stage(tiny_fast_model, metric_value) -> None:
     engine = Recording(load_engine(tiny_fast_model(), "torch"))
     metrics = ServiceMetrics()
 
@@ -205,7 +211,7 @@ def test_a_request_past_its_deadline_stops_at_the_next_stage(tiny_fast_model) ->
     late = asyncio.run(scenario())
     assert late.cancelled == "deadline"
     assert engine.stages == [(0, 1), (0, 1), (1, 1), (2, 1)]  # the late image never ran stage 16 or 32
-    assert metrics.stage_images_abandoned.labels("16")._value.get() == 1
+    assert abandoned(metrics, metric_value, "16") == 1
 
 
 def test_stage_limits_parse_and_defaults() -> None:
