@@ -215,22 +215,27 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            # Counting the delay from the end of the last batch too lets clients whose answers that
-            # batch just carried rejoin the next one: without it, closed-loop clients as many as
-            # max_batch split into two groups that alternate in half-full batches.
-            fill_by = max(self._queue[0].ticket.submitted, self._engine_free_since) + self.max_delay_s
-            while self._queued < self.max_batch:
-                timeout = fill_by - time.monotonic()
-                if timeout <= 0:
-                    break
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), timeout)
-                except TimeoutError:
-                    break
+            await self._wait_to_fill(self.max_batch)
             batch = self._take(self.max_batch)
             if batch:
                 return batch
+
+    async def _wait_to_fill(self, target: int) -> None:
+        """Wait until ``target`` images are queued or ``max_delay`` has passed (the queue is not empty).
+
+        Counting the delay from the end of the last batch too lets clients whose answers that batch
+        just carried rejoin the next one: without it, closed-loop clients as many as max_batch split
+        into two groups that alternate in half-full batches."""
+        fill_by = max(self._queue[0].ticket.submitted, self._engine_free_since) + self.max_delay_s
+        while self._queued < target:
+            timeout = fill_by - time.monotonic()
+            if timeout <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except TimeoutError:
+                return
 
     def _skip_dead_head(self) -> None:
         while self._queue and self._queue[0].ticket.cancelled is not None:

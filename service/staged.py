@@ -151,16 +151,7 @@ class StagedBatcher(Batcher):
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            fill_by = max(self._queue[0].ticket.submitted, self._engine_free_since) + self.max_delay_s
-            while self._queued < min(self.take_limit(0), self.limits[-1]):  # no more than the last stage takes
-                timeout = fill_by - time.monotonic()
-                if timeout <= 0:
-                    break
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), timeout)
-                except TimeoutError:
-                    break
+            await self._wait_to_fill(min(self.take_limit(0), self.limits[-1]))  # no more than the last stage takes
             batch = self._take(self.take_limit(0))
             if batch:
                 for job in batch:
