@@ -39,15 +39,17 @@ def run(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(table, indent=2))
         return
+    width = max(len("config"), *(len(name) for name in table))
     header = (
-        f"{'config':20} {'parameters':>11} {'precond':>7} {'classes':>7} {'GFLOP/image':>11}  stages: resolution × NFE"
+        f"{'config':{width}} {'parameters':>11} {'precond':>7} {'classes':>7} {'GFLOP/image':>11}  "
+        "stages: resolution × NFE"
     )
     print(header)
     print("-" * len(header))
     for name, info in table.items():
         stages = "  ".join(f"{s['resolution']}²×{s['nfe']}" for s in info["stages"])
         print(
-            f"{name:20} {info['params']:>11,} {info['preconditioning']:>7} {info['num_classes'] or '-':>7} "
+            f"{name:{width}} {info['params']:>11,} {info['preconditioning']:>7} {info['num_classes'] or '-':>7} "
             f"{info['gflops_per_image']:>11.2f}  {stages}"
         )
     print("\nGFLOP/image = Σ over stages of NFE × GFLOP per evaluation (`--json` has each stage's figure).")
