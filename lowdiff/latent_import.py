@@ -21,6 +21,10 @@ the file and the first offending key.
   ``loss.*`` and ``foundation_model.*`` are skipped, as the reference loader skips them): the
   :class:`~lowdiff.autoencoder.AutoencoderConfig` is read off the tensors, and LightningDiT's
   ``latents_stats.pt`` (``{"mean", "std"}``, [1, C, 1, 1]) gives the per-channel normalisation.
+* **The pair as a LowDiff model** (:func:`import_lightningdit_pair`, behind ``lowdiff
+  import-lightningdit``): the DiT, the VA-VAE's decoder and the statistics together, under the built-in
+  latent config's schedule and recipe with the sizes read off the files, as the baseline or as the
+  LowDiff cascade initialised from it.
 """
 
 from __future__ import annotations
@@ -33,9 +37,12 @@ from typing import Any
 
 import torch
 
-from lowdiff.autoencoder import AutoencoderConfig, KLAutoencoder
+from lowdiff.autoencoder import AutoencoderConfig, KLAutoencoder, LatentDecoder
+from lowdiff.configs import ModelConfig, get_config
 from lowdiff.dit import DiTConfig, UnifiedDiT, rope_tables
-from lowdiff.errors import CheckpointError
+from lowdiff.errors import CheckpointError, ConfigError
+from lowdiff.hashing import file_sha256
+from lowdiff.schedule import CascadeSchedule
 
 AUTOENCODER_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 MAX_BLOCKS = 128  # more blocks than any released DiT: a bound on what a file can make us build
@@ -322,3 +329,97 @@ def read_latent_stats(path: Path, channels: int) -> tuple[torch.Tensor, torch.Te
             )
         out.append(value)
     return out[0], out[1]
+
+
+# ------------------------------------------------------------------------------------ the pair as a model
+
+BASELINE_CONFIG = "lightningdit-b1-imagenet256"  # whose schedule and recipe an imported baseline takes
+CASCADE_CONFIG = "lowdiff-dit-b1-imagenet256"  # … and an imported cascade
+CASCADE_SEED = 0  # the fresh lower-stage layers of an imported cascade: the same files give the same model
+
+
+@dataclass
+class ImportedLatentModel:
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor]  # the (cascade) UnifiedDiT's, UnifiedDiT names
+    decoder: LatentDecoder  # the VA-VAE's decoder with the latent statistics
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _shaped_like(base: ModelConfig, network: DiTConfig, autoencoder: AutoencoderConfig, sources: str) -> ModelConfig:
+    """``base`` (a built-in latent config) with the imported sizes: its stages moved onto the network's
+    resolutions, guidance kept to the channels that exist. The built-in name is kept only when the
+    sizes are the built-in's, so that a tiny or XL import never claims to be B/1."""
+    channels, side = network.img_channels, network.img_resolution
+
+    def guided(n: int | None) -> int | None:
+        return None if n is None else min(n, channels)
+
+    stages = tuple(
+        replace(s, resolution=r, guidance_channels=guided(s.guidance_channels))
+        for s, r in zip(base.schedule.stages, network.resolutions, strict=True)
+    )
+    same = network == base.network and autoencoder == base.autoencoder
+    shape = f"width {network.hidden_size}, depth {network.depth}, {side}×{side}×{channels}"
+    kind = "a LowDiff cascade of LightningDiT" if len(network.resolutions) > 1 else "LightningDiT"
+    described = base.description if same else f"{kind} ({shape}) on {base.name}'s schedule and recipe"
+    name = base.name if same else f"{base.name.split('-b1-')[0]}-w{network.hidden_size}-d{network.depth}-imported"
+    return replace(
+        base, name=name, network=network, schedule=CascadeSchedule(stages), autoencoder=autoencoder,
+        class_names=base.class_names if same else (), description=f"{described}; imported from {sources}",
+    )  # fmt: skip
+
+
+def import_lightningdit_pair(
+    dit: str | Path, vae: str | Path, stats: str | Path, cascade: bool = False
+) -> ImportedLatentModel:
+    """A LightningDiT checkpoint, a VA-VAE checkpoint and its ``latents_stats.pt`` as one latent model.
+
+    The baseline computes the released model's function exactly (its weights, LightningDiT's sampling
+    settings); ``cascade`` gives :data:`CASCADE_CONFIG`'s two stages (half, then full latent side) with
+    the top stage computing the baseline (:func:`init_cascade_from_baseline`) and the lower stage
+    untrained, a starting point for ``lowdiff train --init-from``. Errors are one :class:`CheckpointError`
+    whose field is the file's role (``dit``, ``vae``, ``stats``), or ``cascade`` when the latent side
+    has no lower stage."""
+    dit, vae, stats = Path(dit), Path(vae), Path(stats)
+    imported = import_lightningdit(dit, field_name="dit")
+    try:
+        autoencoder = load_vavae(vae, stats)
+    except CheckpointError as exc:
+        raise exc.for_field({"latent_stats": "stats"}.get(exc.field or "", "vae")) from None
+    network = imported.network
+    if autoencoder.config.z_channels != network.img_channels:
+        raise CheckpointError(
+            f"{vae}: {autoencoder.config.z_channels} latent channels, but the DiT ({dit.name}) works on "
+            f"{network.img_channels}",
+            "vae",
+        )
+    decoder = LatentDecoder.from_autoencoder(autoencoder)
+    state_dict = imported.state_dict
+    top = network.img_resolution
+    if cascade:
+        low = top // 2
+        if top % 2 or low < network.patch_size or low % network.patch_size:
+            raise CheckpointError(
+                f"a {top}×{top} latent with patch size {network.patch_size} has no {low}×{low} stage below it",
+                "cascade",
+            )
+        network = cascade_network(network, (low, top))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(CASCADE_SEED)
+            net = UnifiedDiT(network)
+        init_cascade_from_baseline(net, state_dict, "dit")
+        state_dict = net.state_dict()
+    sources = f"{dit.name} + {vae.name} + {stats.name}"
+    base = get_config(CASCADE_CONFIG if cascade else BASELINE_CONFIG)
+    try:
+        config = _shaped_like(base, network, decoder.config, sources)
+    except ConfigError as exc:
+        raise CheckpointError(f"{dit}: the pair makes no valid latent config ({exc.message})", "dit") from None
+    metadata: dict[str, Any] = {
+        "imported_from": "lightningdit",
+        "cascade": cascade,
+        **{f"{role}_file": path.name for role, path in (("dit", dit), ("vae", vae), ("stats", stats))},
+        **{f"{role}_sha256": file_sha256(path) for role, path in (("dit", dit), ("vae", vae), ("stats", stats))},
+    }
+    return ImportedLatentModel(config, state_dict, decoder, metadata)

@@ -3,7 +3,17 @@ registers them in this order. A new command: a module here and one line below.""
 
 from __future__ import annotations
 
-from lowdiff.cli.commands import bench, evaluate, export, import_edm, models, sample, serve, train
+from lowdiff.cli.commands import (
+    bench,
+    evaluate,
+    export,
+    import_edm,
+    import_lightningdit,
+    models,
+    sample,
+    serve,
+    train,
+)
 
 COMMANDS = (
     models.register,
@@ -14,6 +24,7 @@ COMMANDS = (
     evaluate.register_train_classifier,
     export.register,
     import_edm.register,
+    import_lightningdit.register,
     bench.register,
     serve.register,
 )
