@@ -291,8 +291,12 @@ def load_vavae(path: str | Path, stats: str | Path | None = None, multiplier: fl
     sd = _tensors(path, payload, "autoencoder")
     kept = {k: v for k, v in sd.items() if k.startswith(AUTOENCODER_PREFIXES)}
     config = autoencoder_config(path, kept)
-    with torch.device("meta"):
-        expected = {k: v for k, v in KLAutoencoder(config).state_dict().items() if not k.startswith("latent_")}
+    try:  # shapes read off an untrusted file can still be ones the layers refuse (GroupNorm needs ch % 32 == 0)
+        with torch.device("meta"):
+            expected = {k: v for k, v in KLAutoencoder(config).state_dict().items() if not k.startswith("latent_")}
+    except (ConfigError, ValueError, RuntimeError, TypeError) as exc:
+        message = exc.message if isinstance(exc, ConfigError) else str(exc)
+        raise CheckpointError(f"{path}: not an autoencoder LowDiff can build ({message})", "autoencoder") from None
     _check_against(path, kept, expected, f"an LDM KL autoencoder {config}", "autoencoder")
     model = KLAutoencoder(config)
     model.load_state_dict(kept, strict=False)

@@ -139,3 +139,18 @@ def test_bad_vavae_and_statistics_are_one_line(tmp_path: Path) -> None:
     torch.save({"mean": torch.zeros(4), "std": torch.zeros(4)}, tmp_path / "z.pt")
     with pytest.raises(CheckpointError, match="positive"):
         load_vavae(VAE, tmp_path / "z.pt")
+
+
+def test_an_autoencoder_of_a_shape_the_layers_refuse_is_one_line(tmp_path: Path) -> None:
+    """Shapes read off an untrusted file can pass the key checks yet be unbuildable (GroupNorm of 32
+    groups over 16 channels): a CheckpointError naming the file, not a ValueError from torch."""
+    state = {
+        "encoder.conv_in.weight": torch.zeros(16, 3, 3, 3),
+        "encoder.down.0.block.0.conv1.weight": torch.zeros(16, 16, 3, 3),
+        "post_quant_conv.weight": torch.zeros(4, 4, 1, 1),
+        "decoder.conv_out.weight": torch.zeros(3, 16, 3, 3),
+    }
+    torch.save({"state_dict": state}, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match="not an autoencoder LowDiff can build") as info:
+        load_vavae(tmp_path / "odd.pt")
+    assert info.value.field == "autoencoder" and "odd.pt" in info.value.message
