@@ -293,16 +293,20 @@ class Batcher:
         self.metrics.record_images(len(batch))
         log.debug("batch of %d images in %.3f s", len(batch), elapsed)
         for job, image in zip(batch, images):
-            ticket = job.ticket
-            ticket.last_end = end
-            if ticket.cancelled is not None or ticket.future.done():
-                continue
-            ticket.images[job.index] = image
-            if ticket.events is not None:
-                ticket.events.put_nowait(("image", job.index, {"image": image}))
-            ticket.remaining -= 1
-            if ticket.remaining == 0:
-                ticket.future.set_result([im for im in ticket.images if im is not None])
+            job.ticket.last_end = end
+            if job.ticket.cancelled is None and not job.ticket.future.done():
+                self._deliver_image(job, image)
+
+    @staticmethod
+    def _deliver_image(job: ImageJob, image: torch.Tensor) -> None:
+        """Hand one finished image to its live request: its slot, a stream event, the answer once all are in."""
+        ticket = job.ticket
+        ticket.images[job.index] = image
+        if ticket.events is not None:
+            ticket.events.put_nowait(("image", job.index, {"image": image}))
+        ticket.remaining -= 1
+        if ticket.remaining == 0:
+            ticket.future.set_result([im for im in ticket.images if im is not None])
 
     def _generate(self, seeds: list[int], labels: list[int] | None) -> torch.Tensor:
         """Runs in the engine thread; stage timings go straight to the (thread-safe) histogram."""

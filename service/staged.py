@@ -267,16 +267,9 @@ class StagedBatcher(Batcher):
 
     def _deliver(self, batch: list[ImageJob], images: torch.Tensor) -> None:
         for job, image in zip(batch, images):
-            ticket = job.ticket
             job.noise = job.condition = None
-            if not self._alive(ticket):
-                continue
-            ticket.images[job.index] = image
-            if ticket.events is not None:
-                ticket.events.put_nowait(("image", job.index, {"image": image}))
-            ticket.remaining -= 1
-            if ticket.remaining == 0:
-                ticket.future.set_result([im for im in ticket.images if im is not None])
+            if self._alive(job.ticket):
+                self._deliver_image(job, image)
 
     def _stage_call(self, k: int, batch: list[ImageJob]) -> tuple[Any, dict[int, dict[str, Any]]]:
         """Runs in the engine thread: stage k for ``batch``. Returns uint8 images after the last stage;
