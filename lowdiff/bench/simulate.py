@@ -185,20 +185,30 @@ class CascadeScheduler:
         return call.images
 
 
-class StagedScheduler:
-    """Stage-level batching: a queue per stage, a call runs one stage for images of many requests."""
+class _QueuePerStage:
+    """What the stage-level and per-evaluation schedulers share: a queue and a batch limit per stage."""
+
+    kind = ""
+    policies: tuple[str, ...] = ()
 
     def __init__(self, cascade: Cascade, limits: Mapping[int, int], max_delay: float, policy: str = "later"):
-        if policy not in ("later", "merge", "backlog"):
-            raise ValueError(f"unknown staged policy {policy!r}")
+        if policy not in self.policies:
+            raise ValueError(f"unknown {self.kind} policy {policy!r}")
         limit_text = "/".join(str(limits[r]) for r in cascade.resolutions)
-        self.name = f"staged {policy} ({limit_text})"
+        self.name = f"{self.kind} {policy} ({limit_text})"
         self.cascade = cascade
         self.limits = [limits[r] for r in cascade.resolutions]
         self.max_delay = max_delay
         self.policy = policy
         self.queues: list[deque[Image]] = [deque() for _ in cascade.resolutions]
         self.free_since = 0.0
+
+
+class StagedScheduler(_QueuePerStage):
+    """Stage-level batching: a queue per stage, a call runs one stage for images of many requests."""
+
+    kind = "staged"
+    policies = ("later", "merge", "backlog")
 
     def admit(self, images: list[Image], now: float) -> None:
         for image in images:
@@ -255,20 +265,11 @@ class StagedScheduler:
         return []
 
 
-class ContinuousScheduler:
+class ContinuousScheduler(_QueuePerStage):
     """Per-evaluation joining: one evaluation per call, images at any step of the resolution's stage."""
 
-    def __init__(self, cascade: Cascade, limits: Mapping[int, int], max_delay: float, policy: str = "later"):
-        if policy not in ("later", "oldest"):
-            raise ValueError(f"unknown continuous policy {policy!r}")
-        limit_text = "/".join(str(limits[r]) for r in cascade.resolutions)
-        self.name = f"per-evaluation {policy} ({limit_text})"
-        self.cascade = cascade
-        self.limits = [limits[r] for r in cascade.resolutions]
-        self.max_delay = max_delay
-        self.policy = policy
-        self.queues: list[deque[Image]] = [deque() for _ in cascade.resolutions]
-        self.free_since = 0.0
+    kind = "per-evaluation"
+    policies = ("later", "oldest")
 
     def admit(self, images: list[Image], now: float) -> None:
         self.queues[0].extend(images)
