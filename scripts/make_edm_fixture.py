@@ -38,22 +38,27 @@ SIGMAS = (0.002, 0.05, 0.5, 2.0, 80.0)
 SEEDS = (0, 1, 2, 3, 123456789)
 IMAGES = ("edm-cond16", "vp-uncond16")  # the fixtures with reference outputs and images
 
-# name → (precond class, constructor kwargs as EDM's train.py passes them for DDPM++).
+# What EDM's train.py passes for DDPM++ (`--arch=ddpmpp`), at the fixtures' tiny width.
+DDPMPP: dict[str, Any] = dict(
+    use_fp16=False,
+    model_type="SongUNet",
+    embedding_type="positional",
+    encoder_type="standard",
+    decoder_type="standard",
+    channel_mult_noise=1,
+    resample_filter=[1, 1],
+    model_channels=8,
+)
+
+# name → (precond class, constructor kwargs: DDPMPP plus each fixture's own).
 FIXTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "edm-cond16": (
         "EDMPrecond",
         dict(
+            DDPMPP,
             img_resolution=16,
             img_channels=3,
             label_dim=10,
-            use_fp16=False,
-            model_type="SongUNet",
-            embedding_type="positional",
-            encoder_type="standard",
-            decoder_type="standard",
-            channel_mult_noise=1,
-            resample_filter=[1, 1],
-            model_channels=8,
             channel_mult=[1, 2],
             num_blocks=1,
             attn_resolutions=[8],
@@ -64,17 +69,10 @@ FIXTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "vp-uncond16": (
         "VPPrecond",
         dict(
+            DDPMPP,
             img_resolution=16,
             img_channels=1,
             label_dim=0,
-            use_fp16=False,
-            model_type="SongUNet",
-            embedding_type="positional",
-            encoder_type="standard",
-            decoder_type="standard",
-            channel_mult_noise=1,
-            resample_filter=[1, 1],
-            model_channels=8,
             channel_mult=[1, 1, 1],
             num_blocks=1,
             attn_resolutions=[4],
@@ -88,17 +86,10 @@ FIXTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "songunet-extra8": (
         "EDMPrecond",
         dict(
+            DDPMPP,
             img_resolution=8,
             img_channels=1,
             label_dim=0,
-            use_fp16=False,
-            model_type="SongUNet",
-            embedding_type="positional",
-            encoder_type="standard",
-            decoder_type="standard",
-            channel_mult_noise=1,
-            resample_filter=[1, 1],
-            model_channels=8,
             channel_mult=[1, 1],
             num_blocks=1,
             attn_resolutions=[4],
