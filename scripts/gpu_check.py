@@ -1,9 +1,10 @@
 """GPU check of the CUDA engines: parity, determinism, profile, cost table, cascade speed and serving.
 
 One prepared run for a machine with an NVIDIA GPU; it installs nothing. An estimate of the run's time
-is printed first (aim: under 8 minutes, so that a 15-minute device window can run it twice). Steps, in
-order; each runs in its own process with its own time limit (a crash, a hang or a slow compile loses
-only that step), and the results are saved before the next starts:
+is printed first (aim: about 9 minutes without the compile steps, so that a 15-minute device window holds
+the machine's start, the run and a rerun of a step or two with ``--only``). Steps, in order; each runs in
+its own process with its own time limit (a crash, a hang or a slow compile loses only that step), and the
+results are saved before the next starts:
 
  1. ``environment``: torch, CUDA, cuDNN, GPU, Triton, ONNX Runtime and its providers, dynamo's limits;
  2. ``parity``: every CUDA engine and precision except ``compile`` (torch and cudagraph in fp32 with and
@@ -19,15 +20,22 @@ only that step), and the results are saved before the next starts:
     cudagraph to its largest bucket, 64: above it the engine splits batches); merged into ``costs.json``;
  6. ``bench-base``: ``lowdiff bench`` cifar10-cond vs edm-cifar10-cond at batch 64, torch, cudagraph and
     cudagraph:bf16 round-robin (the paper's Table 5 and the cascade-vs-EDM throughput ratio);
- 7. ``saturation-cudagraph``: ``loadtests/saturation.py`` against ``lowdiff serve --engine cudagraph``
+ 7. ``train-throughput`` (issue 13): training images/s of cifar10-cond and edm-cifar10-cond on one GPU,
+    bf16 autocast, the recipe's global batch of 512 in rounds of ``batch_gpu`` 128 (halved on running out
+    of memory): ``lowdiff.training.Trainer`` on random images and labels already on the GPU, 2 warm-up
+    and 10 timed steps; peak memory; ``train-throughput.json|md``;
+ 8. ``dit-ratio`` (issue 18): ``lowdiff bench`` lowdiff-dit-b1-imagenet256 (45 + 50 NFE + decode) vs
+    lightningdit-b1-imagenet256 (100 NFE + decode), random B/1 weights, ``torch:bf16``, batch 64, 3 runs
+    each, round-robin: the cascade-vs-baseline ratio with and without the decode, beside the paper's 1.65×;
+ 9. ``compile-gate``: the ``compile`` engine's parity and determinism (fp32), as step 2. It is the first
+    time torch.compile runs on the GPU: if it fails or runs out of time, the compile steps below are
+    skipped with its reason (and step 11 does not lose the others' results to it);
+10. ``saturation-cudagraph``: ``loadtests/saturation.py`` against ``lowdiff serve --engine cudagraph``
     (its command line is read from its ``--help``; skipped with the reason when it or its packages are
     missing);
- 8. ``compile-gate``: the ``compile`` engine's parity and determinism (fp32), as step 2. It is the first
-    time torch.compile runs on the GPU: if it fails or runs out of time, the compile steps below are
-    skipped with its reason (and step 9 does not lose the others' results to it);
- 9. ``bench-all``: step 6 with every engine, ``--engine torch,cudagraph,cudagraph:bf16,compile,compile:bf16``;
-10. ``cost-compile``, 11. ``profile-compile``, 12. ``parity-compile`` (bf16, fp16),
-13. ``saturation-compile``: steps 3–7 for ``compile``.
+11. ``bench-all``: step 6 with every engine, ``--engine torch,cudagraph,cudagraph:bf16,compile,compile:bf16``;
+12. ``cost-compile``, 13. ``profile-compile``, 14. ``parity-compile`` (bf16, fp16),
+15. ``saturation-compile``: steps 3–5 and 10 for ``compile``.
 
 ``--deadline-s`` bounds the whole run: every step gets at most its own limit and what is left (a step is not
 started with less than a quarter of its expected time left). Inductor's
@@ -37,12 +45,15 @@ second run on the same machine.
     python scripts/gpu_check.py --out runs/gpu-check      # then read runs/gpu-check/gpu_check.md
 
 Everything lands in ``--out``: ``gpu_check.json`` (every step: status, time, results), ``gpu_check.md``,
-``parity.png``, ``profile*.json|md``, ``costs*.json|md|png``, ``bench-*.json|md|png``, ``saturation-*/``
-and one ``*.log`` per step; ``--tar`` also packs the folder into one archive after every step.
+``parity.png``, ``profile*.json|md``, ``costs*.json|md|png``, ``bench-*.json|md|png``,
+``train-throughput.json|md`` (and one file per model in ``train-throughput/``), ``dit-ratio.json|md|png``,
+``saturation-*/`` and one ``*.log`` per step; ``--tar`` also packs the folder into one archive after every step.
 
 ``--cpu-dry-run`` runs every step on the CPU with tiny sizes (two tiny 8-channel checkpoints, a 3-stage
-LowDiff and a 1-stage EDM with a few steps each, written to ``--out``/dry-run-models; 4 parity images,
-batches of 1–2, one timed run, a one-level saturation sweep; the CUDA engines are recorded as unavailable)
+LowDiff and a 1-stage EDM with a few steps each, and two tiny latent DiT checkpoints, a 2-stage LowDiff
+and its 1-stage baseline, written to ``--out``/dry-run-models; 4 parity images, batches of 1–2, one timed
+run, 2 timed fp32 training steps of batch 2, a one-level saturation sweep; the CUDA engines are recorded
+as unavailable)
 and writes the same files, to check the script itself without a GPU. torch.compile is switched off there
 (``TORCHDYNAMO_DISABLE=1``: dynamo alone takes about a minute per graph on a loaded 2-core machine), so
 the compile steps exercise their plumbing with the eager model; ``--dry-run-compile`` keeps it on.
@@ -51,6 +62,7 @@ the compile steps exercise their plumbing with the eager model; ``--dry-run-comp
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -121,6 +133,18 @@ class Plan:
     bench_runs: int
     saturation: dict[str, str]  # step → engine
     saturation_args: dict[str, str]
+    # train-throughput: built-in config names (or checkpoints: their configs), precision, the global batch
+    # (0 = each config's recipe batch), images per forward/backward (0 = the whole batch), steps
+    train_models: list[str]
+    train_precision: str
+    train_batch: int
+    train_batch_gpu: int
+    train_warmup: int
+    train_steps: int
+    # dit-ratio: the latent cascade vs its one-stage baseline through `lowdiff bench` (models in models["dit"])
+    dit_engine: str
+    dit_batch: int
+    dit_runs: int
     # step → (expected seconds, limit seconds)
     times: dict[str, tuple[float, float]] = field(default_factory=dict)
 
@@ -150,6 +174,7 @@ def gpu_plan() -> Plan:
             "cost": ["--config", COST_CONFIGS],
             "bench": ["--config", "cifar10-cond", "--compare", "edm-cifar10-cond"],
             "saturation": [],  # the embedded default model, as served
+            "dit": ["--config", "lowdiff-dit-b1-imagenet256", "--compare", "lightningdit-b1-imagenet256"],
         },
         profile_batch=64,
         profile_engines="torch,torch:bf16,cudagraph,cudagraph:bf16",
@@ -166,6 +191,15 @@ def gpu_plan() -> Plan:
         bench_runs=5,
         saturation={"saturation-cudagraph": "cudagraph", "saturation-compile": "compile"},
         saturation_args={"max-batch": "64", "users": "1,64,256", "ramp-s": "3", "window-s": "6", "bench-runs": "2"},
+        train_models=["cifar10-cond", "edm-cifar10-cond"],
+        train_precision="bf16",
+        train_batch=0,  # the recipe's 512
+        train_batch_gpu=128,  # 4 rounds of 128; halved on running out of memory
+        train_warmup=2,
+        train_steps=10,
+        dit_engine="torch:bf16",
+        dit_batch=64,
+        dit_runs=3,
         # Expected seconds on one H100 (from the runs in benchmarks/gpu/: cudagraph loads 7–19 s, the
         # cifar10 bench 100 s for 4 targets, saturation 140 s for 4 levels + 2×5 bench runs) and limits.
         # The compile steps' times are unknown (first run of torch.compile on a GPU): inductor compiles
@@ -177,6 +211,11 @@ def gpu_plan() -> Plan:
             "cost-torch": (35, 70),
             "cost-cudagraph": (80, 130),
             "bench-base": (70, 120),
+            # not yet run on a GPU: 2 × (build + 2 warm-up + 10 timed steps of 512 images, ~0.3–0.6 s each);
+            # B/1 at batch 64 with guidance: ~2–4 s a batch per target, 1 warm-up + 3 timed each, + the
+            # random-weight DiT and VA-VAE decoder built on the GPU
+            "train-throughput": (45, 100),
+            "dit-ratio": (55, 130),
             "compile-gate": (90, 120),
             "saturation-cudagraph": (70, 110),
             "bench-all": (240, 300),
@@ -190,7 +229,10 @@ def gpu_plan() -> Plan:
 
 def dry_run_plan(out: Path) -> Plan:
     """Tiny sizes on the CPU: the tiny LowDiff and EDM checkpoints of :func:`write_dry_run_models` in ``out``."""
-    lowdiff, edm = (str(out / "dry-run-models" / f"{name}.pt") for name in ("tiny-lowdiff", "tiny-edm"))
+    lowdiff, edm, latent, latent_base = (
+        str(out / "dry-run-models" / f"{name}.pt")
+        for name in ("tiny-lowdiff", "tiny-edm", "tiny-latent-lowdiff", "tiny-latent-base")
+    )
     return Plan(
         device="cpu",
         parity_seeds=4,
@@ -203,6 +245,7 @@ def dry_run_plan(out: Path) -> Plan:
             "cost": ["--checkpoint", lowdiff, "--compare", edm],
             "bench": ["--checkpoint", lowdiff, "--compare", edm],
             "saturation": ["--checkpoint", lowdiff],
+            "dit": ["--checkpoint", latent, "--compare", latent_base],
         },
         profile_batch=2,
         profile_engines="torch,cudagraph",
@@ -226,6 +269,15 @@ def dry_run_plan(out: Path) -> Plan:
             "bench-runs": "1",
             "threads": "1",
         },
+        train_models=[lowdiff, edm],
+        train_precision="fp32",
+        train_batch=2,
+        train_batch_gpu=0,
+        train_warmup=2,
+        train_steps=2,
+        dit_engine="torch:bf16",
+        dit_batch=2,
+        dit_runs=1,
         times={  # measured on a loaded 2-core CPU machine; most of it is starting Python processes
             "environment": (5, 30),
             "parity": (15, 120),
@@ -233,6 +285,8 @@ def dry_run_plan(out: Path) -> Plan:
             "cost-torch": (15, 60),
             "cost-cudagraph": (10, 60),
             "bench-base": (12, 90),
+            "train-throughput": (12, 90),
+            "dit-ratio": (12, 90),
             "compile-gate": (12, 90),
             "saturation-cudagraph": (55, 120),
             "bench-all": (13, 90),
@@ -245,14 +299,18 @@ def dry_run_plan(out: Path) -> Plan:
 
 
 def write_dry_run_models(out: Path) -> None:
-    """Two tiny checkpoints for the dry run: a 3-stage LowDiff (8-16-32, 4/4/3 Heun steps) and a 1-stage
-    EDM baseline (32, 6 steps), both on an 8-channel network: every engine path, in seconds."""
+    """Tiny checkpoints for the dry run: a 3-stage LowDiff (8-16-32, 4/4/3 Heun steps) and a 1-stage EDM
+    baseline (32, 6 steps), both on an 8-channel network: every engine path, in seconds; and for
+    ``dit-ratio`` a 2-stage latent LowDiff (4×4 → 8×8, 6 + 4 Euler steps) and its 1-stage baseline (8×8,
+    8 steps), both a width-32 DiT with guidance on 4-channel latents and a tiny KL decoder to 16×16 RGB."""
     import torch
 
+    from lowdiff.autoencoder import AutoencoderConfig
     from lowdiff.configs import ModelConfig
+    from lowdiff.dit import DiTConfig
     from lowdiff.model import LowDiffModel
     from lowdiff.network import NetworkConfig
-    from lowdiff.schedule import CascadeSchedule, StageSchedule
+    from lowdiff.schedule import CascadeSchedule, FlowStageSchedule, StageSchedule
 
     narrow = {"sigma_min": 0.01, "sigma_max": 50.0}
     schedules = {
@@ -275,6 +333,26 @@ def write_dry_run_models(out: Path) -> None:
         with torch.no_grad():  # zero-initialised output layers: perturb, so the output depends on the input
             for param in model.denoiser.parameters():
                 param.add_(torch.randn_like(param) * 0.02)
+        model.save(folder / f"{name}.pt")
+    guide = {"guidance_scale": 2.0, "guidance_start": 0.1, "shift": 0.5}
+    latent_schedules = {
+        "tiny-latent-lowdiff": CascadeSchedule((
+            FlowStageSchedule(4, 8, truncate_at=6, **guide), FlowStageSchedule(8, 4, **guide),
+        )),
+        "tiny-latent-base": CascadeSchedule((FlowStageSchedule(8, 8, **guide),)),
+    }  # fmt: skip
+    autoencoder = AutoencoderConfig(
+        ch=32, ch_mult=(1, 1), num_res_blocks=1, z_channels=4, encoder_attn_levels=(), decoder_attn_levels=(1,)
+    )  # fmt: skip
+    for name, schedule in latent_schedules.items():
+        dit = DiTConfig(img_resolution=8, img_channels=4, label_dim=10, resolutions=schedule.resolutions,
+                        hidden_size=32, depth=2, num_heads=2)  # fmt: skip
+        torch.manual_seed(0)
+        model = LowDiffModel(ModelConfig(name, dit, schedule, "flow", description="gpu_check --cpu-dry-run",
+                                         autoencoder=autoencoder))  # fmt: skip
+        with torch.no_grad():  # LightningDiT zero-initialises adaLN and the output layers
+            for param in model.denoiser.parameters():
+                param.add_(torch.randn_like(param) * 0.05)
         model.save(folder / f"{name}.pt")
 
 
@@ -444,6 +522,191 @@ def save_parity_picture(out: Path, results: list[dict[str, Any]]) -> str | None:
     return str(out / "parity.png")
 
 
+# ---------------------------------------------------------------------------- the training-throughput worker
+PAPER_DIT_RATIO = 1.65  # the paper's speed-up of LowDiff-B/1 (45 + 50 NFE) over LightningDiT-B/1 (100 NFE)
+EDM_CIFAR_MIMG = 200  # EDM's CIFAR-10 training length (Mimg), to turn images/s into days
+
+
+def train_worker(out: Path, plan: Plan) -> None:
+    """Per model of ``plan.train_models``: ``lowdiff.training.Trainer`` on random [−1, 1] images (256
+    levels) with random labels, already on the device (no data loader), ``plan.train_warmup`` untimed
+    steps, then ``plan.train_steps`` timed ones (synchronised) → ``out/train-throughput/<name>.json``,
+    written as soon as that model is done. Out of memory at a ``batch_gpu``: retried at half of it."""
+    import dataclasses
+
+    import torch
+
+    from lowdiff.configs import get_config
+    from lowdiff.model import LowDiffModel
+
+    folder = out / "train-throughput"
+    folder.mkdir(parents=True, exist_ok=True)
+    cuda = plan.device == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    for spec in plan.train_models:
+        entry: dict[str, Any] = {"model": spec, "device": plan.device, "precision": plan.train_precision}
+        try:
+            config = LowDiffModel.load(spec).config if spec.endswith(".pt") else get_config(spec)
+            if plan.train_batch:
+                config = dataclasses.replace(
+                    config, training=dataclasses.replace(config.training, batch_size=plan.train_batch)
+                )
+            batch = config.training.batch_size
+            net = config.network
+            entry.update(config=config.name, batch=batch, resolutions=list(config.resolutions),
+                         image_shape=[net.img_channels, net.img_resolution, net.img_resolution],
+                         augment_p=config.training.augment_p)  # fmt: skip
+            if cuda:
+                entry["gpu"] = torch.cuda.get_device_name(0)
+            batch_gpu = min(plan.train_batch_gpu or batch, batch)
+            while True:
+                entry["batch_gpu"] = batch_gpu
+                try:
+                    entry.update(time_training(config, plan, batch_gpu, sync))
+                    break
+                except torch.cuda.OutOfMemoryError:
+                    if batch_gpu == 1 or batch % (batch_gpu // 2):
+                        raise
+                entry.setdefault("out_of_memory_at_batch_gpu", []).append(batch_gpu)
+                print(f"{spec}: out of memory at batch_gpu {batch_gpu}; trying {batch_gpu // 2}", flush=True)
+                batch_gpu //= 2
+                gc.collect()  # the failed attempt's trainer, then its cached blocks
+                torch.cuda.empty_cache()
+        except Exception as exc:  # noqa: BLE001 -- a failing config is a finding, the next one goes on
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+            entry["traceback"] = traceback.format_exc()
+        finally:
+            if cuda:
+                torch.cuda.empty_cache()
+        print(json.dumps({k: v for k, v in entry.items() if k != "traceback"}), flush=True)
+        (folder / f"{file_stem(Path(spec).stem)}.json").write_text(json.dumps(entry, indent=1) + "\n")
+
+
+def time_training(config: Any, plan: Plan, batch_gpu: int, sync: Callable[[], None]) -> dict[str, Any]:
+    """One model's timed training steps (see :func:`train_worker`)."""
+    import torch
+
+    from lowdiff.training import Trainer, TrainOptions
+
+    device = torch.device(plan.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    batch, net = config.training.batch_size, config.network
+    with tempfile.TemporaryDirectory(prefix="gpu-check-train-") as run_dir:
+        start = time.perf_counter()
+        options = TrainOptions(device=plan.device, precision=plan.train_precision, batch_gpu=batch_gpu, seed=0)
+        trainer = Trainer(config, options, Path(run_dir))
+        gen = torch.Generator(device).manual_seed(0)
+        shape = (batch, net.img_channels, net.img_resolution, net.img_resolution)
+        images = torch.randint(0, 256, shape, generator=gen, device=device).float() / 127.5 - 1
+        labels = None
+        if config.num_classes:
+            labels = torch.randint(0, config.num_classes, (batch,), generator=gen, device=device)
+        sync()
+        result: dict[str, Any] = {
+            "parameters": sum(p.numel() for p in trainer.denoiser.parameters()),
+            "build_s": time.perf_counter() - start,
+        }
+        start = time.perf_counter()
+        for _ in range(plan.train_warmup):
+            trainer.train_step(images, labels)
+        sync()
+        result["warmup_steps"] = plan.train_warmup
+        result["warmup_s"] = time.perf_counter() - start
+        steps = []
+        for _ in range(plan.train_steps):
+            start = time.perf_counter()
+            trainer.train_step(images, labels)
+            sync()
+            steps.append(time.perf_counter() - start)
+        total, n = sum(steps), len(steps)
+        result.update(
+            steps=n, step_s_all=steps, step_s_mean=total / n, step_s_median=sorted(steps)[n // 2],
+            images_per_s=batch * n / total, skipped_steps=trainer.skipped_steps,
+            days_for_edm_cifar_length=EDM_CIFAR_MIMG * 1e6 * total / (batch * n) / 86400,
+        )  # fmt: skip
+        if device.type == "cuda":
+            result["peak_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            result["peak_memory_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        del trainer
+    return result
+
+
+def collect_train_throughput(out: Path, plan: Plan) -> dict[str, Any]:
+    """The models timed so far, in plan order → ``train-throughput.json`` and ``.md`` in ``out``."""
+    results = []
+    for spec in plan.train_models:
+        path = out / "train-throughput" / f"{file_stem(Path(spec).stem)}.json"
+        if path.exists():
+            results.append(json.loads(path.read_text()))
+    report = {"device": plan.device, "precision": plan.train_precision, "results": results}
+    (out / "train-throughput.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "train-throughput.md").write_text(train_throughput_markdown(report))
+    return report
+
+
+def train_throughput_markdown(report: dict[str, Any]) -> str:
+    rows = []
+    for e in report["results"]:
+        note = one_line(e.get("error", ""), 160).replace("|", "/")
+        if e.get("out_of_memory_at_batch_gpu"):
+            note = f"out of memory at batch_gpu {e['out_of_memory_at_batch_gpu']}; " + note
+        if "images_per_s" not in e:
+            rows.append([e.get("config", e["model"]), *["–"] * 9, note])
+            continue
+        peak = e.get("peak_memory_allocated_gib")
+        rows.append([
+            e["config"], e.get("gpu", e["device"]), e["precision"], str(e["batch"]),
+            f"{e['batch_gpu']} × {e['batch'] // e['batch_gpu']}", f"{e['parameters'] / 1e6:.1f} M",
+            f"{e['step_s_mean']:.3f} ({e['steps']} steps)", f"**{e['images_per_s']:.1f}**",
+            "–" if peak is None else f"{peak:.1f}", f"{e['days_for_edm_cifar_length']:.1f}", note,
+        ])  # fmt: skip
+    head = ["config", "device", "precision", "global batch", "batch_gpu × rounds", "parameters", "step s (mean)",
+            "images/s", "peak memory GiB", f"days for {EDM_CIFAR_MIMG} Mimg", "note"]  # fmt: skip
+    return "\n".join([
+        "# Training throughput (one device, random images on the device, no data loader)", "",
+        *md_table(rows, head), "",
+        f"Days for {EDM_CIFAR_MIMG} Mimg: EDM's CIFAR-10 training length at this throughput on one device.",
+    ]) + "\n"  # fmt: skip
+
+
+def dit_ratio_summary(path: Path) -> dict[str, Any] | None:
+    """The cascade-vs-baseline ratio from ``lowdiff bench``'s JSON: with the decode (the bench's own
+    ``ratio``, throughput of the first model over the second) and without it (denoising alone)."""
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    results = data.get("results", [])
+    if len(results) < 2 or data.get("ratio") is None:
+        return None
+    first, other = results[0], results[len(results) // 2]
+
+    def split(r: dict[str, Any]) -> dict[str, Any]:
+        decode = sum(s["latency_s_mean"] for s in r.get("stages", []) if s.get("stage") == "decode")
+        return {"config": r["config"], "engine": r["engine"], "precision": r.get("precision"), "batch": r["batch"],
+                "latency_s_mean": r["latency_s_mean"], "decode_s_mean": decode,
+                "denoise_s_mean": r["latency_s_mean"] - decode, "nfe": r.get("nfe")}  # fmt: skip
+
+    cascade, baseline = split(first), split(other)
+    without = baseline["denoise_s_mean"] / cascade["denoise_s_mean"] if cascade["denoise_s_mean"] > 0 else None
+    return {"cascade": cascade, "baseline": baseline, "ratio_with_decode": data["ratio"],
+            "ratio_without_decode": without, "paper_ratio": PAPER_DIT_RATIO}  # fmt: skip
+
+
+def dit_ratio_line(summary: dict[str, Any]) -> str:
+    cascade, baseline, without = summary["cascade"], summary["baseline"], summary["ratio_without_decode"]
+    return (
+        f"Cascade {cascade['config']} vs baseline {baseline['config']}: **{summary['ratio_with_decode']:.3f}×** "
+        f"with the decode" + ("" if without is None else f", {without:.3f}× without it")
+        + f" (the paper: {summary['paper_ratio']:.2f}×); the decode takes "
+        f"{cascade['decode_s_mean']:.3f} s of the cascade's {cascade['latency_s_mean']:.3f} s a batch."
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------- subprocess steps
 def run_step(cmd: list[str], timeout: float, log: Path, env: dict[str, str]) -> dict[str, Any]:
     """A subprocess step in its own process group (its CUDA context, its time limit); at the limit the
@@ -564,15 +827,21 @@ def summary_markdown(report: dict[str, Any]) -> str:
     if costs_md:
         costs_md = costs_md.replace("\n### ", "\n#### ").replace("\n## ", "\n### ")
         lines += [costs_md.replace("# Cost table", "## Cost table", 1), ""]
-    for key in ("bench-base", "bench-all"):
+    for key in ("bench-base", "train-throughput", "dit-ratio", "bench-all"):
         step = report["steps"].get(key, {})
         md = report.get("outputs", {}).get(f"{key}.md")
-        if md or step.get("status") not in (None, "not run"):
+        if md or step.get("status") not in (None, "not run", "skipped (--skip/--only)"):
             lines += [f"## {key}", "", f"`{step.get('command', '')}` → {step.get('status')}", ""]
-            lines += [md, ""] if md else ["```", step.get("log_tail", ""), "```", ""]
+            if md:
+                md = md.replace("\n# ", "\n### ").removeprefix("# ")
+                lines += [md, ""]
+            if key == "dit-ratio" and report.get("dit_ratio"):
+                lines += [dit_ratio_line(report["dit_ratio"]), ""]
+            if not md or step.get("status") != "ok":
+                lines += ["```", step.get("log_tail", ""), "```", ""]
     for key in ("saturation-cudagraph", "saturation-compile"):
         step = report["steps"].get(key, {})
-        if step.get("status") in (None, "not run"):
+        if step.get("status") in (None, "not run", "skipped (--skip/--only)"):
             continue
         lines += [f"## {key}", "", f"`{step.get('command', '-')}` → {step.get('status')}", ""]
         readme = report.get("outputs", {}).get(f"{key}/README.md")
@@ -587,13 +856,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-dry-run", action="store_true", help="every step with tiny sizes on the CPU")
     p.add_argument("--dry-run-compile", action="store_true", help="keep torch.compile on in the dry run (slow)")
     p.add_argument("--tar", type=Path, default=None, help="also pack --out into this .tgz after every step")
-    p.add_argument("--deadline-s", type=float, default=480.0, help="time budget of the whole run")
+    p.add_argument("--deadline-s", type=float, default=555.0, help="time budget of the whole run")
     p.add_argument("--skip", default="", help="comma list of steps (or groups: cost, saturation, bench, compile)")
     p.add_argument("--only", default="", help="comma list of steps (or groups) to run, e.g. for a second run")
     p.add_argument("--inductor-cache", type=Path, default=Path(tempfile.gettempdir()) / "lowdiff-inductor-cache")
     p.add_argument("--plan", action="store_true", help="print the steps and the time estimate, run nothing")
     # internal: one step's worker process
-    p.add_argument("--worker", choices=["parity"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["parity", "train"], help=argparse.SUPPRESS)
     p.add_argument("--variants", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -601,6 +870,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker == "parity":
         variants = [(k, pr, tf == "tf32") for k, pr, tf in (v.split(":") for v in args.variants.split(","))]
         parity_worker(args.out, plan.device, variants, plan.parity_seeds, plan.parity_checkpoint)
+        return 0
+    if args.worker == "train":
+        train_worker(args.out, plan)
         return 0
 
     start_time = time.monotonic()
@@ -777,6 +1049,28 @@ def main(argv: list[str] | None = None) -> int:
 
         return body
 
+    def train_body(limit: float) -> dict[str, Any]:
+        shutil.rmtree(out / "train-throughput", ignore_errors=True)  # no stale result of an earlier run
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "train", "--out", str(out)]
+        cmd += ["--cpu-dry-run"] if args.cpu_dry_run else []
+        result = run_step(cmd, limit, out / "train-throughput.log", env)
+        report["train_throughput"] = collect_train_throughput(out, plan)
+        keep_text("train-throughput.md")
+        done = report["train_throughput"]["results"]
+        failed = [e.get("config", e["model"]) for e in done if "images_per_s" not in e]
+        if result["returncode"] == 0 and (failed or len(done) < len(plan.train_models)):
+            result["status"] = f"incomplete: {len(done) - len(failed)} of {len(plan.train_models)} models timed"
+        return result
+
+    def dit_ratio_body(flags: list[str]) -> Callable[[float], dict[str, Any]]:
+        def body(limit: float) -> dict[str, Any]:
+            (out / "dit-ratio.json").unlink(missing_ok=True)
+            result = bench_body("dit-ratio", flags)(limit)
+            report["dit_ratio"] = dit_ratio_summary(out / "dit-ratio.json")
+            return result
+
+        return body
+
     bench_models = plan.models["bench"]
     bench_sizes = ["--batch", str(plan.bench_batch), "--runs", str(plan.bench_runs)]
     step("parity", parity_body(plan.parity_engines, "parity"))
@@ -784,6 +1078,10 @@ def main(argv: list[str] | None = None) -> int:
     step("cost-torch", cost_body("cost-torch"))
     step("cost-cudagraph", cost_body("cost-cudagraph"))
     step("bench-base", bench_body("bench-base", [*bench_models, "--engine", plan.bench_engines, *bench_sizes]))
+    step("train-throughput", train_body)
+    dit_flags = [*plan.models["dit"], "--engine", plan.dit_engine, "--batch", str(plan.dit_batch), "--runs",
+                 str(plan.dit_runs)]  # fmt: skip
+    step("dit-ratio", dit_ratio_body(dit_flags))
     gate_entry = step("compile-gate", parity_body(plan.compile_gate, "compile-gate"))
     gate = None
     gate_results = [e for e in report.get("parity", {}).get("results", []) if e["engine"] == "compile"]
