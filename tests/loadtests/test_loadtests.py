@@ -70,7 +70,9 @@ def test_locust_smoke_against_default_model(
     assert server.returncode == 0, log_path.read_text()[-3000:]
 
 
-def test_locust_sweep_levels_against_live_server(tmp_path: Path, fake_engine: Any, live_server: Any) -> None:
+def test_locust_sweep_levels_against_live_server(
+    tmp_path: Path, fake_engine: Any, live_server: Any, metric_value: Any
+) -> None:
     """Two levels with two Locust worker processes: one row per level, every request answered with a PNG,
     batches formed from several users, Locust's count matching the server's image counter."""
     sys.path.insert(0, str(ROOT / "loadtests"))
@@ -82,13 +84,18 @@ def test_locust_sweep_levels_against_live_server(tmp_path: Path, fake_engine: An
     with live_server(create_app(ServeSettings(max_batch=8, max_delay_ms=20), engine=fake_engine())) as srv:
         srv.wait_ready()
         rows, whole_run = locust_sweep(srv.url, args)
+        served = metric_value(httpx.get(srv.url + "/metrics").text, "lowdiff_images_generated_total")
     assert [row["users"] for row in rows] == [2, 8]
+    # Locust's count of answered requests and the server's image counter agree over the whole run (one
+    # image per request; at most the last level's users can be in flight when Locust stops). Per-level
+    # *rates* are measured over windows the two sides time apart: one stall of a loaded CI machine in
+    # a 3 s window moved them 32 % apart, so they are only checked for being of one order.
+    assert abs(whole_run["requests"] - served) <= rows[-1]["users"], (whole_run, served)
     assert whole_run["failures"] == 0 and whole_run["requests"] > sum(row["requests_in_window"] for row in rows)
     for row in rows:
         assert row["failures"] == 0, row
         assert row["requests_in_window"] > row["users"], row
         assert 0 < row["p50_s"] <= row["p99_s"], row
-        # the client's count and the server's image counter agree (same seconds, measured apart)
-        assert abs(row["images_per_s"] - row["server_images_per_s"]) <= 0.25 * row["server_images_per_s"], row
+        assert 0.5 * row["server_images_per_s"] <= row["images_per_s"] <= 2 * row["server_images_per_s"], row
     assert rows[-1]["mean_batch_size"] > 1  # several users' single-image requests shared batches
     assert (tmp_path / "locust_levels.csv").is_file() and (tmp_path / "locust.log").is_file()
