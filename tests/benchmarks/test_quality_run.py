@@ -34,19 +34,19 @@ def test_sweep_points_have_the_intended_nfe() -> None:
     }
     nfe = {name: p.schedule.nfe for name, p in points.items()}
     assert nfe["lowdiff-paper"] == (18, 13, 17)
-    assert nfe["lowdiff-trunc8-t7"] == (14, 13, 17) and nfe["lowdiff-trunc8-t11"] == (22, 13, 17)
-    assert nfe["lowdiff-trunc16-t5"] == (18, 9, 17) and nfe["lowdiff-trunc16-t9"] == (18, 17, 17)
-    assert nfe["lowdiff-32steps6"] == (18, 13, 11) and nfe["lowdiff-32steps4"] == (18, 13, 7)
-    assert nfe["lowdiff-8x1"] == (1, 13, 17)
-    assert nfe["lowdiff-late"] == (22, 17, 17) and nfe["lowdiff-late-32steps6"] == (22, 17, 11)
-    assert nfe["lowdiff-late-32from10"] == (22, 17, 11)
-    assert points["lowdiff-late-32from10"].schedule.stages[-1].sigma_max == 10.0
+    assert nfe["lowdiff-trunc8-t7"] == (14, 13, 17) and nfe["lowdiff-trunc16-t5"] == (18, 9, 17)
+    assert nfe["lowdiff-32steps6"] == (18, 13, 11) and nfe["lowdiff-8x1"] == (1, 13, 17)
+    assert nfe["lowdiff-late"] == (22, 17, 17) and nfe["lowdiff-late-32from10"] == (22, 17, 11)
+    assert nfe["lowdiff-late-32n7from10"] == (22, 17, 13) and nfe["lowdiff-8x1-late16"] == (1, 17, 17)
+    assert nfe["lowdiff-8x1-late16-32n7from10"] == (1, 17, 13)
+    for name in ("lowdiff-late-32from10", "lowdiff-late-32n7from10", "lowdiff-8x1-late16-32n7from10"):
+        assert points[name].schedule.stages[-1].sigma_max == 10.0
     # the one-evaluation 8×8 stage still hands off at the paper's σ
     paper_handoff = float(points["lowdiff-paper"].schedule.stages[0].sigmas()[-1])
-    assert float(points["lowdiff-8x1"].schedule.stages[0].sigmas()[-1]) == pytest.approx(paper_handoff)
-    assert nfe["edm-35"] == (35,) and nfe["edm-25"] == (25,) and nfe["edm-19"] == (19,) and nfe["edm-13"] == (13,)
+    for name in ("lowdiff-8x1", "lowdiff-8x1-late16"):
+        assert float(points[name].schedule.stages[0].sigmas()[-1]) == pytest.approx(paper_handoff)
+    assert nfe["edm-35"] == (35,) and nfe["edm-25"] == (25,) and nfe["edm-19"] == (19,) and nfe["edm-15"] == (15,)
     assert sorted(nfe[name][0] for name in nfe if name.startswith("edm-")) == [
-        13,
         15,
         17,
         19,
@@ -142,6 +142,8 @@ def test_quality_run_end_to_end_and_reuses_its_cache(
         (["--lowdiff", "missing.pt"], "--lowdiff"),
         (["--edm", "LOWDIFF"], "--edm"),  # a 3-stage model where the single-stage baseline belongs
         (["--sweep-samples", "5"], "--sweep-samples"),
+        (["--confirm", "edm-35"], "--confirm"),  # confirmation is of a LowDiff point
+        (["--confirm", "lowdiff-nope"], "--confirm"),
     ],
 )
 def test_quality_run_rejects_bad_arguments_before_generating(
@@ -160,7 +162,8 @@ def test_quality_run_rejects_bad_arguments_before_generating(
 
 
 def _point(name: str, family: str, throughput: float, fd: float, cpu_s: float = 1.0) -> dict:
-    return {"name": name, "family": family, "throughput_img_s": throughput, "cpu_s_mean": cpu_s, "sweep": {"fd": fd}}
+    return {"name": name, "family": family, "throughput_img_s": throughput, "cpu_s_mean": cpu_s,
+            "sweep": {"fd": fd, "class_agreement": 0.8}}  # fmt: skip
 
 
 def test_edm_curve_is_interpolated_at_equal_throughput_and_never_extrapolated() -> None:
@@ -196,3 +199,26 @@ def test_selection_takes_the_best_fd_at_the_target_speed() -> None:
     none = quality.compare_with_edm(slow, "edm-35")
     assert none["chosen"] is None and none["chosen_beats_baseline"] is False
     assert quality.compare_with_edm([_point("lowdiff-c", "LowDiff", 12.0, 40.0)], "edm-35") is None
+
+
+def test_a_confirmation_reports_the_named_point_and_selects_nothing() -> None:
+    quality = load_script()
+    points = [
+        _point("edm-35", "EDM", 10.0, 50.0), _point("edm-15", "EDM", 20.0, 90.0),
+        _point("lowdiff-b", "LowDiff", 15.5, 52.0),  # the point chosen on other seeds: worse here
+        _point("lowdiff-e", "LowDiff", 16.0, 30.0),  # better on these seeds, but nothing is chosen here
+    ]  # fmt: skip
+    confirmation = quality.compare_with_edm(points, "edm-35", confirm="lowdiff-b")
+    assert confirmation["confirmed"] == "lowdiff-b" and "chosen" not in confirmation
+    assert confirmation["fd"] == 52.0 and confirmation["beats_baseline"] is False
+    assert confirmation["reaches_target_speed"] is True and confirmation["throughput_ratio"] == pytest.approx(1.55)
+    assert confirmation["edm_fd_at_equal_throughput"] == pytest.approx(72.0)
+    table = quality.markdown({
+        "sweep_samples": 10, "num_samples": 10, "batch": 4, "baseline": "edm-35", "seeds": [1000, 1010],
+        "floors": {"fd_real_sweep": 1.0, "fd_real_full": 1.0, "fd_real_full_samples": 10,
+                   "classifier_accuracy_real": 0.9},
+        "points": [{**p, "model_config": "m", "note": "n", "stages": [{"resolution": 32, "nfe": 1}],
+                    "latency_s_mean": 1.0, "gflops_per_image": 1.0} for p in points],
+        "confirmation": confirmation,
+    })  # fmt: skip
+    assert "Confirmation of **lowdiff-b**" in table and "does not beat it" in table and "Selection" not in table
