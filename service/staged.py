@@ -134,9 +134,10 @@ class StagedBatcher(Batcher):
             k, batch = await self._next_stage_batch()
             await self._run_stage_batch(k, batch)
 
-    def take_limit(self, k: int) -> int:
+    def take_limit(self, k: int, waiting: int | None = None) -> int:
+        """Images stage k takes in one call when ``waiting`` (default: its live queue) wait for it."""
         last = len(self.limits) - 1
-        if k == last or self.waiting(k) > 2 * self.limits[last]:
+        if k == last or (self.waiting(k) if waiting is None else waiting) > 2 * self.limits[last]:
             return self.limits[k]
         return min(self.limits[k], self.limits[last])
 
@@ -245,13 +246,7 @@ class StagedBatcher(Batcher):
         now = time.monotonic()
         if any(not self._alive(job.ticket) or job.ticket.deadline <= now for job in batch):
             return False
-        last = len(self.limits) - 1
-        limit = (
-            self.limits[k]
-            if k == last or len(batch) > 2 * self.limits[last]
-            else min(self.limits[k], self.limits[last])
-        )
-        return len(batch) <= limit
+        return len(batch) <= self.take_limit(k, len(batch))
 
     def _emit_previews(self, batch: list[ImageJob], previews: dict[int, dict[str, Any]]) -> None:
         """On the event loop: hand the previews of one stage call to their streams."""
