@@ -187,14 +187,11 @@ class CascadeEngine:
         batch = x.shape[0]
 
         def to(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None or device is None else t.to(device)
+            return t if t is None or device is None else t.to(device)
 
         sig = torch.full((batch,), sigma, dtype=torch.float32)
         csig = None if sigma_cond is None else torch.full((batch,), sigma_cond, dtype=torch.float32)
-        if device is not None:
-            out = fn(to(x.float()), to(sig), to(labels), to(cond), to(csig))
-        else:
-            out = fn(x.float(), sig, labels, cond, csig)
+        out = fn(to(x.float()), to(sig), to(labels), to(cond), to(csig))
         out = out.detach().cpu().to(torch.float64)
         if config.schedule.flow:
             out = x.to(torch.float64) + (1.0 - sigma) * out
