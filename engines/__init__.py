@@ -44,6 +44,11 @@ ENGINES_WITH_DIR = ("onnxruntime", "tensorrt", "compile")  # compile: inductor's
 # Engines that run latent (flow + decode) models: cudagraph and tensorrt own a Heun stage loop and
 # have no decode stage yet.
 LATENT_ENGINES = ("torch", "onnxruntime", "compile")
+# Engines whose stage calls may run in two threads at once, each on its own CUDA stream (the staged
+# scheduler's --stage-overlap): eager torch (the caching allocator keeps each stream's blocks apart) and
+# cudagraph (a graph memory pool per stage, see engines/cudagraph.py). The others are refused, with the
+# reason, in lowdiff/service/settings.py (STAGE_OVERLAP_REFUSED).
+STAGE_OVERLAP_ENGINES = ("torch", "cudagraph")
 
 
 @dataclass(frozen=True)

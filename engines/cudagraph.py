@@ -11,6 +11,9 @@ stage's own :meth:`StageSchedule.sigmas` and :meth:`~StageSchedule.step_orders`:
 replaces only the denoiser call, whose σ arguments are looked up in device tensors prepared from
 the same ``sigmas()`` before capture (a graph cannot copy from host memory while capturing).
 
+Each stage's graphs share one memory pool of their own, so graphs of different stages may replay at
+once on different streams (``--stage-overlap``); that has not run on a GPU yet.
+
 CI has no GPU, so no test runs this; it was checked on an H100 with ``scripts/gpu_check.py``
 (parity with the CPU reference, determinism, speed: benchmarks/gpu/). Everything a graph reads must
 stay allocated as long as the graph lives (see ``_Captured``). On a CPU-only machine
@@ -136,8 +139,11 @@ class CudaGraphStage:
         torch.cuda.current_stream(dev).wait_stream(side)
 
         graph = torch.cuda.CUDAGraph()
-        # One memory pool for all graphs: safe because replays never overlap and each output is
-        # copied to the host right after its replay, before any other graph runs.
+        # One memory pool for this stage's graphs (its buckets): safe because two replays of one stage
+        # never overlap (a stage runs in one engine thread) and each output is copied to the host right
+        # after its replay, before that thread replays another. Other stages have their own pools, so
+        # that the staged scheduler's --stage-overlap may replay a 32×32 graph on one stream while an
+        # 8×8 or 16×16 graph replays on another.
         with torch.cuda.graph(graph, pool=self.pool):
             out = heun_stage(stage, fn, noise, labels, condition, placeholder)
         captured = _Captured(graph, noise, labels, condition, sigma_cond, out, sigma_table)
@@ -213,10 +219,13 @@ def cudagraph_runners(
     denoiser = copy.deepcopy(model.denoiser).to(dev).eval()  # NCHW: see engines/torch_eager.py
     if transform is not None:
         denoiser = transform(denoiser)
-    pool = torch.cuda.graph_pool_handle()
     config = model.config
     runners: dict[int, StageRunner] = {}
     for k, stage in enumerate(config.schedule.stages):
+        # A pool per stage rather than one for all graphs (see CudaGraphStage.capture): a pool holds
+        # the most that one of its graphs needs, and a stage's activations scale with its pixels, so
+        # the two lower stages add about 1/4 + 1/16 of the 32×32 stage's graph memory (not measured).
+        pool = torch.cuda.graph_pool_handle()
         runner = CudaGraphStage(
             denoiser,
             stage.resolution,

@@ -13,13 +13,13 @@ results are saved before the next starts:
     8-bit levels and the share of pixels more than 2 levels off; determinism: (class 3, seed 5) alone vs
     at position 3 of a batch of 7 (≤ 1 level), the same batch twice (bit-identical); ``parity.png``;
  3. ``profile``: ``lowdiff bench --profile``: one cifar10-cond 32×32 evaluation at batch 64 per engine
-    (torch, torch:bf16, cudagraph, cudagraph:bf16): top kernels, shares of GroupNorm/SiLU/attention/
+    (torch, torch:bf16, cudagraph:bf16): top kernels, shares of GroupNorm/SiLU/attention/
     convolution/elementwise;
  4. ``cost-torch``, 5. ``cost-cudagraph``: ``lowdiff bench --cost-table`` for cifar10-cond, edm-cifar10-cond
     and fashion32 (random weights): seconds per evaluation vs batch, per resolution (torch to batch 512,
     cudagraph to its largest bucket, 64: above it the engine splits batches); merged into ``costs.json``;
  6. ``bench-base``: ``lowdiff bench`` cifar10-cond vs edm-cifar10-cond at batch 64, torch, cudagraph and
-    cudagraph:bf16 round-robin (the paper's Table 5 and the cascade-vs-EDM throughput ratio);
+    cudagraph:bf16 round-robin, 3 runs (the paper's Table 5 and the cascade-vs-EDM throughput ratio);
  7. ``train-throughput`` (issue 13): training images/s of cifar10-cond and edm-cifar10-cond on one GPU,
     bf16 autocast, the recipe's global batch of 512 in rounds of ``batch_gpu`` 128 (halved on running out
     of memory): ``lowdiff.training.Trainer`` on random images and labels already on the GPU, 2 warm-up
@@ -27,15 +27,21 @@ results are saved before the next starts:
  8. ``dit-ratio`` (issue 18): ``lowdiff bench`` lowdiff-dit-b1-imagenet256 (45 + 50 NFE + decode) vs
     lightningdit-b1-imagenet256 (100 NFE + decode), random B/1 weights, ``torch:bf16``, batch 64, 3 runs
     each, round-robin: the cascade-vs-baseline ratio with and without the decode, beside the paper's 1.65×;
- 9. ``compile-gate``: the ``compile`` engine's parity and determinism (fp32), as step 2. It is the first
+ 9. ``scheduler-overlap`` (issue 14): saturated throughput of the service's batchers driven in-process
+    (no HTTP), cifar10-cond random weights, ``cudagraph:bf16`` (graphs for bucket 64 only), max batch 64,
+    256 single-image requests kept outstanding: whole-cascade batches vs ``--scheduler staged`` vs staged
+    with ``--stage-overlap on`` (each lane its own CUDA stream), images/s over a 3.5 s window, the share of
+    it both lanes ran at once, the same (class, seed)'s pixels across the three; the goal is ≥ 1.15×
+    cascade; ``scheduler-overlap.json|md``;
+10. ``compile-gate``: the ``compile`` engine's parity and determinism (fp32), as step 2. It is the first
     time torch.compile runs on the GPU: if it fails or runs out of time, the compile steps below are
-    skipped with its reason (and step 11 does not lose the others' results to it);
-10. ``saturation-cudagraph``: ``loadtests/saturation.py`` against ``lowdiff serve --engine cudagraph``
+    skipped with its reason (and step 12 does not lose the others' results to it);
+11. ``saturation-cudagraph``: ``loadtests/saturation.py`` against ``lowdiff serve --engine cudagraph``
     (its command line is read from its ``--help``; skipped with the reason when it or its packages are
     missing);
-11. ``bench-all``: step 6 with every engine, ``--engine torch,cudagraph,cudagraph:bf16,compile,compile:bf16``;
-12. ``cost-compile``, 13. ``profile-compile``, 14. ``parity-compile`` (bf16, fp16),
-15. ``saturation-compile``: steps 3–5 and 10 for ``compile``.
+12. ``bench-all``: step 6 with every engine, ``--engine torch,cudagraph,cudagraph:bf16,compile,compile:bf16``;
+13. ``cost-compile``, 14. ``profile-compile``, 15. ``parity-compile`` (bf16, fp16),
+16. ``saturation-compile``: steps 3–5 and 11 for ``compile``.
 
 ``--deadline-s`` bounds the whole run: every step gets at most its own limit and what is left (a step is not
 started with less than a quarter of its expected time left). Inductor's
@@ -47,12 +53,14 @@ second run on the same machine.
 Everything lands in ``--out``: ``gpu_check.json`` (every step: status, time, results), ``gpu_check.md``,
 ``parity.png``, ``profile*.json|md``, ``costs*.json|md|png``, ``bench-*.json|md|png``,
 ``train-throughput.json|md`` (and one file per model in ``train-throughput/``), ``dit-ratio.json|md|png``,
+``scheduler-overlap.json|md`` (and one file per engine in ``scheduler-overlap/``),
 ``saturation-*/`` and one ``*.log`` per step; ``--tar`` also packs the folder into one archive after every step.
 
 ``--cpu-dry-run`` runs every step on the CPU with tiny sizes (two tiny 8-channel checkpoints, a 3-stage
 LowDiff and a 1-stage EDM with a few steps each, and two tiny latent DiT checkpoints, a 2-stage LowDiff
 and its 1-stage baseline, written to ``--out``/dry-run-models; 4 parity images, batches of 1–2, one timed
-run, 2 timed fp32 training steps of batch 2, a one-level saturation sweep; the CUDA engines are recorded
+run, 2 timed fp32 training steps of batch 2, the three batchers on torch fp32 with 8 requests outstanding
+for 3 s each, a one-level saturation sweep; the CUDA engines are recorded
 as unavailable)
 and writes the same files, to check the script itself without a GPU. torch.compile is switched off there
 (``TORCHDYNAMO_DISABLE=1``: dynamo alone takes about a minute per graph on a loaded 2-core machine), so
@@ -145,6 +153,16 @@ class Plan:
     dit_engine: str
     dit_batch: int
     dit_runs: int
+    # scheduler-overlap: the batchers driven in-process, closed loop (a model spec: a config name or a
+    # checkpoint; "kind:precision" engines; cudagraph's batch buckets; max batch; requests kept
+    # outstanding; seconds before and of the measured window)
+    overlap_model: str
+    overlap_engines: list[str]
+    overlap_buckets: tuple[int, ...]
+    overlap_max_batch: int
+    overlap_outstanding: int
+    overlap_warm_s: float
+    overlap_window_s: float
     # step → (expected seconds, limit seconds)
     times: dict[str, tuple[float, float]] = field(default_factory=dict)
 
@@ -177,7 +195,9 @@ def gpu_plan() -> Plan:
             "dit": ["--config", "lowdiff-dit-b1-imagenet256", "--compare", "lightningdit-b1-imagenet256"],
         },
         profile_batch=64,
-        profile_engines="torch,torch:bf16,cudagraph,cudagraph:bf16",
+        # cudagraph fp32 left out (to fit scheduler-overlap in the deadline): its graphs replay the kernels
+        # that torch fp32 launches, so its operator shares are torch fp32's
+        profile_engines="torch,torch:bf16,cudagraph:bf16",
         cost_groups={
             "cost-torch": ("torch,torch:bf16", p2),
             "cost-cudagraph": ("cudagraph,cudagraph:bf16", p64),
@@ -188,7 +208,7 @@ def gpu_plan() -> Plan:
         bench_engines="torch,cudagraph,cudagraph:bf16",
         bench_all_engines=ALL_ENGINES,
         bench_batch=64,
-        bench_runs=5,
+        bench_runs=3,  # run 3's 5 runs per target: max/min within 6 % (cifar10-cond), 1 % (edm)
         saturation={"saturation-cudagraph": "cudagraph", "saturation-compile": "compile"},
         saturation_args={"max-batch": "64", "users": "1,64,256", "ramp-s": "3", "window-s": "6", "bench-runs": "2"},
         train_models=["cifar10-cond", "edm-cifar10-cond"],
@@ -200,6 +220,13 @@ def gpu_plan() -> Plan:
         dit_engine="torch:bf16",
         dit_batch=64,
         dit_runs=3,
+        overlap_model="cifar10-cond",
+        overlap_engines=["cudagraph:bf16"],
+        overlap_buckets=(64,),  # a saturated run's calls are 64 images or multiples; 3 captures, not 21
+        overlap_max_batch=64,
+        overlap_outstanding=256,
+        overlap_warm_s=1.5,
+        overlap_window_s=3.5,
         # Expected seconds on one H100 (from the runs in benchmarks/gpu/: cudagraph loads 7–19 s, the
         # cifar10 bench 100 s for 4 targets, saturation 140 s for 4 levels + 2×5 bench runs) and limits.
         # The compile steps' times are unknown (first run of torch.compile on a GPU): inductor compiles
@@ -207,15 +234,18 @@ def gpu_plan() -> Plan:
         times={
             "environment": (5, 30),
             "parity": (60, 110),
-            "profile": (40, 75),
+            "profile": (30, 75),  # 3 engines (was 40 s for 4)
             "cost-torch": (35, 70),
             "cost-cudagraph": (80, 130),
-            "bench-base": (70, 120),
+            "bench-base": (59, 120),  # 3 runs (was 70 s for 5; a run of the 6 targets ≈ 5.4 s)
             # not yet run on a GPU: 2 × (build + 2 warm-up + 10 timed steps of 512 images, ~0.3–0.6 s each);
             # B/1 at batch 64 with guidance: ~2–4 s a batch per target, 1 warm-up + 3 timed each, + the
             # random-weight DiT and VA-VAE decoder built on the GPU
             "train-throughput": (45, 100),
             "dit-ratio": (55, 130),
+            # not yet run on a GPU: start, cifar10-cond built, 3 graph captures (bucket 64), then 3 schedulers
+            # × (1.5 s warm + 3.5 s window) and their shutdowns
+            "scheduler-overlap": (26, 75),
             "compile-gate": (90, 120),
             "saturation-cudagraph": (70, 110),
             "bench-all": (240, 300),
@@ -278,6 +308,13 @@ def dry_run_plan(out: Path) -> Plan:
         dit_engine="torch:bf16",
         dit_batch=2,
         dit_runs=1,
+        overlap_model=lowdiff,
+        overlap_engines=["torch:fp32"],
+        overlap_buckets=(1, 2),
+        overlap_max_batch=2,
+        overlap_outstanding=8,
+        overlap_warm_s=1.0,
+        overlap_window_s=2.0,
         times={  # measured on a loaded 2-core CPU machine; most of it is starting Python processes
             "environment": (5, 30),
             "parity": (15, 120),
@@ -287,6 +324,7 @@ def dry_run_plan(out: Path) -> Plan:
             "bench-base": (12, 90),
             "train-throughput": (12, 90),
             "dit-ratio": (12, 90),
+            "scheduler-overlap": (20, 90),
             "compile-gate": (12, 90),
             "saturation-cudagraph": (55, 120),
             "bench-all": (13, 90),
@@ -707,6 +745,172 @@ def dit_ratio_line(summary: dict[str, Any]) -> str:
     )  # fmt: skip
 
 
+# ---------------------------------------------------------------------------- the scheduler-overlap worker
+OVERLAP_SCHEDULERS = ("cascade", "staged", "staged+overlap")
+
+
+def overlap_worker(out: Path, plan: Plan) -> None:
+    """Saturated throughput of the service's own batchers in-process, per engine of ``plan.overlap_engines``:
+    whole-cascade batches, stage-level batches, and stage-level batches with ``--stage-overlap on`` (on CUDA
+    each lane its own stream). Closed loop: ``plan.overlap_outstanding`` single-image requests always
+    outstanding (a new one as each is answered), measured over ``plan.overlap_window_s`` after
+    ``plan.overlap_warm_s``; images/s counts the images of the last-stage batches that ended after the
+    window's first such batch, up to its last, over that time (whole batches, none cut in two; at least
+    two batches must end in the window). Also: the share of the window both lanes
+    ran at once, and the largest difference in 8-bit levels between the schedulers' images of the same
+    (class, seed) (0 expected on the CPU; on a GPU what batch composition alone changes, ≤ 1 in parity).
+    → ``out/scheduler-overlap/<engine>.json``, written as soon as that engine is done."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from lowdiff.engines import CascadeEngine, load_engine
+    from lowdiff.model import load_model
+    from lowdiff.service.batcher import Batcher
+    from lowdiff.service.metrics import ServiceMetrics
+    from lowdiff.service.staged import StagedBatcher, default_stage_limits
+
+    folder = out / "scheduler-overlap"
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = plan.overlap_model
+    model = load_model(spec, None) if spec.endswith(".pt") else load_model(None, spec)
+    resolutions = tuple(model.config.resolutions)
+    limits = default_stage_limits(resolutions, plan.overlap_max_batch)
+    classes = max(1, model.config.num_classes)
+
+    async def closed_loop(engine: Any, scheduler: str) -> dict[str, Any]:
+        metrics = ServiceMetrics()
+        executors = [ThreadPoolExecutor(1), ThreadPoolExecutor(1)]
+        queue = 4 * plan.overlap_outstanding
+        if scheduler == "cascade":
+            batcher: Any = Batcher(engine, executors[0], metrics, plan.overlap_max_batch, 0.0, queue)
+        else:
+            batcher = StagedBatcher(engine, executors[0], metrics, resolutions, limits, 0.0, queue,
+                                    overlap=scheduler.endswith("overlap"), last_executor=executors[1],
+                                    device=plan.device)  # fmt: skip
+        answered: list[float] = []  # ticket.last_end of every answer
+        kept: dict[int, Any] = {}
+        batcher.start()
+
+        async def user(u: int) -> None:
+            i = 0
+            while True:
+                seed = u * 100_000 + i
+                ticket = batcher.submit([seed], [seed % classes], deadline=time.monotonic() + 600)
+                image = (await ticket.future)[0]
+                answered.append(
+                    ticket.last_end or time.monotonic()
+                )  # when its last-stage batch ended: one time per batch
+                if i < 2:
+                    kept[seed] = image
+                i += 1
+
+        start = time.monotonic()
+        users = [asyncio.create_task(user(u)) for u in range(plan.overlap_outstanding)]
+        await asyncio.sleep(plan.overlap_warm_s + plan.overlap_window_s)
+        for task in users:
+            task.cancel()
+        await batcher.close()
+        await asyncio.to_thread(lambda: [e.shutdown(wait=True) for e in executors])  # no call left running
+        begin, end = start + plan.overlap_warm_s, start + plan.overlap_warm_s + plan.overlap_window_s
+        inside = sorted(t for t in answered if begin <= t <= end)
+        first, last = (inside[0], inside[-1]) if inside else (begin, begin)
+        counted = sum(1 for t in inside if t > first)  # the images of the batches after the first
+        text = metrics.exposition().decode()
+        both = re.search(r"^lowdiff_stage_lanes_overlap_seconds_total (\S+)$", text, re.M)
+        return {
+            "scheduler": scheduler,
+            "images_per_s": counted / (last - first) if last > first else None,
+            "answered_in_window": len(inside),
+            "answered_total": len(answered),
+            "both_lanes_busy_s": float(both.group(1)) if both else 0.0,
+            "run_s": plan.overlap_warm_s + plan.overlap_window_s,
+            "images": kept,
+        }
+
+    for engine_spec in plan.overlap_engines:
+        kind, _, precision = engine_spec.partition(":")
+        entry: dict[str, Any] = {"engine": engine_spec, "model": model.config.name, "device": plan.device,
+                                 "max_batch": plan.overlap_max_batch, "limits": {str(r): n for r, n in limits.items()},
+                                 "outstanding": plan.overlap_outstanding, "warm_s": plan.overlap_warm_s,
+                                 "window_s": plan.overlap_window_s}  # fmt: skip
+        try:
+            began = time.perf_counter()
+            if kind == "cudagraph":
+                from lowdiff.engines.cudagraph import cudagraph_runners
+
+                runners = cudagraph_runners(model, plan.device, precision, buckets=plan.overlap_buckets)
+                engine = CascadeEngine(model, runners, kind, plan.device, precision)
+                entry["buckets"] = list(plan.overlap_buckets)
+            else:
+                engine = load_engine(model, kind, plan.device, precision)
+            entry["load_s"] = time.perf_counter() - began
+            results = []
+            for scheduler in OVERLAP_SCHEDULERS:
+                result = asyncio.run(closed_loop(engine, scheduler))
+                results.append(result)
+                print(json.dumps({k: v for k, v in result.items() if k != "images"}), flush=True)
+            base = results[0]["images_per_s"]
+            reference = results[0]["images"]
+            for result in results:
+                rate, images = result["images_per_s"], result.pop("images")
+                result["vs_cascade"] = rate / base if rate and base else None
+                common = [seed for seed in images if seed in reference]
+                result["same_seed_images"] = len(common)
+                result["max_levels_vs_cascade"] = max(
+                    (float((images[s].int() - reference[s].int()).abs().max()) for s in common), default=None
+                )
+            entry["results"] = results
+        except Exception as exc:  # noqa: BLE001 -- a failing engine is a finding, the next one goes on
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+            entry["traceback"] = traceback.format_exc()
+        finally:
+            if plan.device == "cuda":
+                torch.cuda.empty_cache()
+        print(json.dumps({k: v for k, v in entry.items() if k not in ("traceback", "results")}), flush=True)
+        (folder / f"{file_stem(engine_spec)}.json").write_text(json.dumps(entry, indent=1) + "\n")
+
+
+def collect_overlap(out: Path, plan: Plan) -> dict[str, Any]:
+    """The engines measured so far → ``scheduler-overlap.json`` and ``.md`` in ``out``."""
+    results = []
+    for spec in plan.overlap_engines:
+        path = out / "scheduler-overlap" / f"{file_stem(spec)}.json"
+        if path.exists():
+            results.append(json.loads(path.read_text()))
+    report = {"device": plan.device, "model": plan.overlap_model, "results": results}
+    (out / "scheduler-overlap.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "scheduler-overlap.md").write_text(overlap_markdown(report))
+    return report
+
+
+def overlap_markdown(report: dict[str, Any]) -> str:
+    rows = []
+    for e in report["results"]:
+        if "results" not in e:
+            rows.append([e["engine"], "–", "–", "–", "–", "–", one_line(e.get("error", ""), 160).replace("|", "/")])
+            continue
+        for r in e["results"]:
+            rate, ratio, levels = r["images_per_s"], r["vs_cascade"], r["max_levels_vs_cascade"]
+            both = r["both_lanes_busy_s"] / r["run_s"] if r["scheduler"].endswith("overlap") else None
+            rows.append([
+                e["engine"], r["scheduler"], "–" if rate is None else f"{rate:.1f}",
+                "–" if ratio is None else f"**{ratio:.3f}**", "–" if both is None else f"{100 * both:.0f} %",
+                "–" if levels is None else f"{levels:.0f} ({r['same_seed_images']} images)", "",
+            ])  # fmt: skip
+    head = ["engine", "scheduler", "images/s", "× cascade", "both lanes busy", "max levels vs cascade", "note"]
+    first = report["results"][0] if report["results"] else {}
+    return "\n".join([
+        "# Saturated throughput: cascade vs staged vs staged + overlap (the batchers in-process, closed loop)", "",
+        f"Model {first.get('model', report['model'])}, max batch {first.get('max_batch', '?')}, stage limits "
+        f"{first.get('limits', '?')}, {first.get('outstanding', '?')} single-image requests outstanding, "
+        f"{first.get('window_s', '?')} s measured after {first.get('warm_s', '?')} s. The issue's goal: staged + "
+        "overlap ≥ 1.15× cascade.", "",
+        *md_table(rows, head),
+    ]) + "\n"  # fmt: skip
+
+
 # ---------------------------------------------------------------------------- subprocess steps
 def run_step(cmd: list[str], timeout: float, log: Path, env: dict[str, str]) -> dict[str, Any]:
     """A subprocess step in its own process group (its CUDA context, its time limit); at the limit the
@@ -827,7 +1031,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
     if costs_md:
         costs_md = costs_md.replace("\n### ", "\n#### ").replace("\n## ", "\n### ")
         lines += [costs_md.replace("# Cost table", "## Cost table", 1), ""]
-    for key in ("bench-base", "train-throughput", "dit-ratio", "bench-all"):
+    for key in ("bench-base", "train-throughput", "dit-ratio", "scheduler-overlap", "bench-all"):
         step = report["steps"].get(key, {})
         md = report.get("outputs", {}).get(f"{key}.md")
         if md or step.get("status") not in (None, "not run", "skipped (--skip/--only)"):
@@ -862,7 +1066,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inductor-cache", type=Path, default=Path(tempfile.gettempdir()) / "lowdiff-inductor-cache")
     p.add_argument("--plan", action="store_true", help="print the steps and the time estimate, run nothing")
     # internal: one step's worker process
-    p.add_argument("--worker", choices=["parity", "train"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["parity", "train", "overlap"], help=argparse.SUPPRESS)
     p.add_argument("--variants", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -873,6 +1077,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.worker == "train":
         train_worker(args.out, plan)
+        return 0
+    if args.worker == "overlap":
+        overlap_worker(args.out, plan)
         return 0
 
     start_time = time.monotonic()
@@ -1071,6 +1278,19 @@ def main(argv: list[str] | None = None) -> int:
 
         return body
 
+    def overlap_body(limit: float) -> dict[str, Any]:
+        shutil.rmtree(out / "scheduler-overlap", ignore_errors=True)  # no stale result of an earlier run
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "overlap", "--out", str(out)]
+        cmd += ["--cpu-dry-run"] if args.cpu_dry_run else []
+        result = run_step(cmd, limit, out / "scheduler-overlap.log", env)
+        report["scheduler_overlap"] = collect_overlap(out, plan)
+        keep_text("scheduler-overlap.md")
+        done = report["scheduler_overlap"]["results"]
+        measured = [e for e in done if "results" in e]
+        if result["returncode"] == 0 and len(measured) < len(plan.overlap_engines):
+            result["status"] = f"incomplete: {len(measured)} of {len(plan.overlap_engines)} engines measured"
+        return result
+
     bench_models = plan.models["bench"]
     bench_sizes = ["--batch", str(plan.bench_batch), "--runs", str(plan.bench_runs)]
     step("parity", parity_body(plan.parity_engines, "parity"))
@@ -1082,6 +1302,7 @@ def main(argv: list[str] | None = None) -> int:
     dit_flags = [*plan.models["dit"], "--engine", plan.dit_engine, "--batch", str(plan.dit_batch), "--runs",
                  str(plan.dit_runs)]  # fmt: skip
     step("dit-ratio", dit_ratio_body(dit_flags))
+    step("scheduler-overlap", overlap_body)
     gate_entry = step("compile-gate", parity_body(plan.compile_gate, "compile-gate"))
     gate = None
     gate_results = [e for e in report.get("parity", {}).get("results", []) if e["engine"] == "compile"]

@@ -107,6 +107,24 @@ class ServiceMetrics:
             ["resolution"],
             registry=r,
         )
+        self.stage_lane_busy = Gauge(
+            "lowdiff_stage_lane_busy",
+            "Stage-level scheduler: 1 while an engine lane runs a call, by lane (all; with --stage-overlap "
+            "lower: the stages before the last, last: the last stage).",
+            ["lane"],
+            registry=r,
+        )
+        self.stage_lane_busy_seconds = Counter(
+            "lowdiff_stage_lane_busy_seconds_total",
+            "Stage-level scheduler: seconds each engine lane spent running calls, by lane (all, lower, last).",
+            ["lane"],
+            registry=r,
+        )
+        self.stage_lanes_overlap_seconds = Counter(
+            "lowdiff_stage_lanes_overlap_seconds_total",
+            "Stage-level scheduler with --stage-overlap: seconds both lanes ran a call at once.",
+            registry=r,
+        )
         self.first_preview = Histogram(
             "lowdiff_time_to_first_preview_seconds",
             "POST /generate/stream: time from a request's arrival to its first preview.",

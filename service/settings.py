@@ -28,6 +28,7 @@ __all__ = [
     "API_KEY_ENV",
     "ENGINE_KINDS",
     "ENV_PREFIX",
+    "STAGE_OVERLAP_REFUSED",
     "ServeSettings",
     "SettingsError",
     "add_serve_arguments",
@@ -45,6 +46,18 @@ API_KEY_ENV = "LOWDIFF_API_KEY"
 # `lowdiff --help` and settings validation do not import torch through the engines package.
 EngineKind = Literal["torch", "cudagraph", "onnxruntime", "tensorrt", "compile"]
 ENGINE_KINDS: tuple[str, ...] = get_args(EngineKind)
+
+# --stage-overlap: the engines that cannot run two stage calls at once, and why (the others are
+# lowdiff.engines.STAGE_OVERLAP_ENGINES; a test checks that the two cover ENGINE_KINDS).
+STAGE_OVERLAP_REFUSED: dict[str, str] = {
+    "onnxruntime": "its CUDA provider runs every call of a session on that session's one stream, so two "
+    "lanes would queue on it instead of overlapping (and on the CPU they would share one thread pool)",
+    "tensorrt": "it has never run on a GPU here; its contexts already use a stream per stage, so it can be "
+    "allowed once scripts/gpu_check.py has checked it",
+    "compile": "torch.compile may compile a new shape on first use, and dynamo does not support "
+    "compiling from two threads at once",
+}
+StageOverlap = Literal["off", "on", "auto"]
 
 _ENV_ONLY = {"env_only": True}  # json_schema_extra of fields that have no flag
 
@@ -85,6 +98,12 @@ class ServeSettings(BaseSettings):
         None,
         description="staged: per-resolution batch limits, e.g. 8=512,16=256,32=64 (default: the last stage "
         "--max-batch, earlier ones as many pixels, at most 512)",
+    )
+    stage_overlap: StageOverlap = Field(
+        "off",
+        description="staged: run the last stage in its own engine thread (and CUDA stream) beside the lower "
+        "stages; auto: on for --device cuda with an engine that supports it (torch, cudagraph). Not yet "
+        "measured on a GPU (README, Schedulers)",
     )
     timeout_s: float = Field(
         120.0, gt=0, description="default per-request deadline (a request may set timeout_s itself)"
@@ -138,6 +157,19 @@ class ServeSettings(BaseSettings):
             )
         if self.max_batch_per_stage is not None:
             parse_stage_limits(self.max_batch_per_stage)
+        if self.stage_overlap == "on":
+            if self.scheduler != "staged":
+                raise SettingsError(
+                    "--stage-overlap: 'on' needs --scheduler staged (a whole-cascade batch has no stages to "
+                    f"overlap), got --scheduler {self.scheduler}",
+                    "stage_overlap",
+                )
+            if self.engine in STAGE_OVERLAP_REFUSED:
+                raise SettingsError(
+                    f"--stage-overlap: engine {self.engine!r} cannot overlap stages: "
+                    f"{STAGE_OVERLAP_REFUSED[self.engine]}",
+                    "stage_overlap",
+                )
         if self.warmup_batch > self.max_batch:
             raise SettingsError(
                 f"--warmup-batch: must be ≤ --max-batch ({self.max_batch}), got {self.warmup_batch}", "warmup_batch"

@@ -11,13 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from typing import Any
 
-from lowdiff.engines import EngineInfo
+from lowdiff.engines import STAGE_OVERLAP_ENGINES, EngineInfo
 from lowdiff.errors import LowDiffError, SettingsError
 from lowdiff.model import LowDiffModel, load_model
 from lowdiff.requests import MAX_IMAGES_PER_REQUEST
 from lowdiff.service.batcher import Batcher, Engine
 from lowdiff.service.metrics import ServiceMetrics
-from lowdiff.service.settings import ServeSettings, parse_stage_limits
+from lowdiff.service.settings import STAGE_OVERLAP_REFUSED, ServeSettings, parse_stage_limits
 from lowdiff.service.staged import StagedBatcher, default_stage_limits
 
 log = logging.getLogger("lowdiff.service")
@@ -143,7 +143,11 @@ class Service:
             limits.update(given)
         if not all(hasattr(engine, name) for name in ("stage_noise", "run_stage", "denoised_preview")):
             raise SettingsError("--scheduler: this engine cannot run one stage at a time; use cascade", "scheduler")
-        log.info("staged scheduler", extra={"limits": {str(r): limits[r] for r in resolutions}})
+        overlap = self._stage_overlap()
+        log.info(
+            "staged scheduler",
+            extra={"limits": {str(r): limits[r] for r in resolutions}, "stage_overlap": overlap},
+        )
         return StagedBatcher(
             engine,  # type: ignore[arg-type]  # checked above
             self.executor,
@@ -152,7 +156,27 @@ class Service:
             limits,
             s.max_delay_ms / 1000,
             s.max_queue,
+            overlap=overlap,
+            device=self.engine_info.device,
         )
+
+    def _stage_overlap(self) -> bool:
+        """``--stage-overlap`` against the loaded engine (its kind and device, which an engine passed in
+        directly may give otherwise than the settings): 'on' where it cannot overlap is a SettingsError;
+        'auto' is on for CUDA with an engine that supports it and more than one stage."""
+        assert self.engine_info is not None
+        setting, kind = self.settings.stage_overlap, self.engine_info.engine
+        stages = len(self.engine_info.resolutions)
+        if setting == "off":
+            return False
+        if setting == "auto":
+            return self.engine_info.device.startswith("cuda") and kind in STAGE_OVERLAP_ENGINES and stages > 1
+        if kind not in STAGE_OVERLAP_ENGINES:
+            why = STAGE_OVERLAP_REFUSED.get(kind, "it does not declare that its stage calls may run concurrently")
+            raise SettingsError(f"--stage-overlap: engine {kind!r} cannot overlap stages: {why}", "stage_overlap")
+        if stages < 2:
+            raise SettingsError("--stage-overlap: this model has one stage: nothing to overlap", "stage_overlap")
+        return True
 
     def _load_engine(self) -> Engine:
         """Runs in the engine thread."""
@@ -179,5 +203,6 @@ class Service:
         info["scheduler"] = self.settings.scheduler
         if isinstance(self.batcher, StagedBatcher):
             info["max_batch_per_stage"] = {str(r): n for r, n in zip(self.batcher.resolutions, self.batcher.limits)}
+            info["stage_overlap"] = self.batcher.overlap
         info["max_images_per_request"] = min(MAX_IMAGES_PER_REQUEST, self.settings.max_queue)
         return info

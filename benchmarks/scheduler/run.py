@@ -16,6 +16,12 @@ Workloads: (cost source) × (request sizes). Cost sources:
 
 Offered load is a fraction of the whole-cascade batcher's saturated throughput at its max batch (64).
 Prints one table, writes results.json and scheduler.png (p50, p99 and throughput against load).
+
+``--overlap-slowdowns 1,1.5`` adds the overlapped staged scheduler (``--stage-overlap on``) at those
+contention slowdowns (see lowdiff/bench/simulate.py: while both lanes run, each at 1/s of its speed).
+``--saturated-only`` runs only the saturated-throughput table (seconds, not minutes), with the overlap
+slowdowns given (default 1, 1.25, 1.5, 1.75, 2) and the largest s that still reaches ``--target`` ×
+cascade, and writes ``overlap-saturated.json`` instead of results.json.
 """
 
 from __future__ import annotations
@@ -37,10 +43,12 @@ from lowdiff.bench.simulate import (  # noqa: E402
     CascadeScheduler,
     ContinuousScheduler,
     LinearCost,
+    OverlapStagedScheduler,
     StagedScheduler,
     poisson_trace,
     saturated_throughput,
     simulate,
+    slowdown_for,
     table_cost,
 )
 
@@ -60,7 +68,7 @@ def limits_by_pixels(max_batch: int, cap: int = 512) -> dict[int, int]:
     return {r: min(cap, max_batch * (top // r) ** 2) for r in RESOLUTIONS}
 
 
-def schedulers(cascade: Cascade, max_delay: float) -> list[Any]:
+def schedulers(cascade: Cascade, max_delay: float, overlap_slowdowns: tuple[float, ...] = ()) -> list[Any]:
     limits = limits_by_pixels(MAX_BATCH)
     same = {r: MAX_BATCH for r in RESOLUTIONS}
     return [
@@ -71,7 +79,50 @@ def schedulers(cascade: Cascade, max_delay: float) -> list[Any]:
         StagedScheduler(cascade, limits, max_delay, "merge"),
         ContinuousScheduler(cascade, limits, max_delay, "later"),
         ContinuousScheduler(cascade, limits, max_delay, "oldest"),
+        *(OverlapStagedScheduler(cascade, limits, max_delay, s) for s in overlap_slowdowns),
     ]
+
+
+def saturated_only(costs: dict[str, Any], slowdowns: tuple[float, ...], target: float, out_dir: Path) -> None:
+    """Saturated throughput (4096 single images waiting) of cascade, staged backlog and staged overlap at
+    each slowdown, for both limit sets; and the largest slowdown that still gives ``target`` × cascade."""
+    rows: list[dict[str, Any]] = []
+    needed: list[dict[str, Any]] = []
+    for cost_name, cost in costs.items():
+        cascade = Cascade(RESOLUTIONS, NFE, cost)
+        base = saturated_throughput(CascadeScheduler(cascade, MAX_BATCH, 0.0), 4096)
+        rows.append({"cost": cost_name, "scheduler": f"cascade (max batch {MAX_BATCH})", "images_per_s": base,
+                     "vs_cascade": 1.0})  # fmt: skip
+        for limits in (limits_by_pixels(MAX_BATCH), {r: MAX_BATCH for r in RESOLUTIONS}):
+            scheds = [StagedScheduler(cascade, limits, 0.0, "backlog")]
+            scheds += [OverlapStagedScheduler(cascade, limits, 0.0, s) for s in slowdowns]
+            for sched in scheds:
+                rate = saturated_throughput(sched, 4096)
+                rows.append(
+                    {"cost": cost_name, "scheduler": sched.name, "images_per_s": rate, "vs_cascade": rate / base}
+                )
+            s_max = slowdown_for(target, cascade, limits, MAX_BATCH)
+            needed.append({"cost": cost_name, "limits": limits, "target": target, "largest_slowdown": s_max})
+    lines = ["| cost | scheduler | saturated images/s (4096 waiting) | × cascade |", "|---|---|---|---|"]
+    lines += [f"| {r['cost']} | {r['scheduler']} | {r['images_per_s']:.1f} | {r['vs_cascade']:.3f} |" for r in rows]
+    lines += ["", f"| cost | limits | largest s for {target:g}× cascade |", "|---|---|---|"]
+    for n in needed:
+        limit_text = "/".join(str(n["limits"][r]) for r in RESOLUTIONS)
+        s_max = "unreachable" if n["largest_slowdown"] is None else f"{n['largest_slowdown']:.3f}"
+        lines.append(f"| {n['cost']} | {limit_text} | {s_max} |")
+    print("\n".join(lines))
+    out = {
+        "schema": "lowdiff-scheduler-overlap-saturated/1",
+        "command": " ".join(["python", "benchmarks/scheduler/run.py", *sys.argv[1:]]),
+        "contention_model": "while both lanes run, each progresses at 1/s of its speed alone",
+        "h100_model": {"floor_s": H100_FLOOR, "seconds_at_batch_64": H100_AT_64, "floors_assumed": True},
+        "images": 4096,
+        "rows": rows,
+        "largest_slowdown_for_target": [{**n, "limits": {str(r): v for r, v in n["limits"].items()}} for n in needed],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "overlap-saturated.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(out_dir / "overlap-saturated.json")
 
 
 def main() -> None:
@@ -82,8 +133,13 @@ def main() -> None:
     parser.add_argument("--max-delay-ms", type=float, default=10.0, help="the service's default --max-delay-ms")
     parser.add_argument("--cpu-table", type=Path, default=HERE / "cost-fashion32-cpu.json")
     parser.add_argument("--gpu-table", type=Path, default=None, help="a measured GPU cost table (replaces the model)")
+    parser.add_argument("--overlap-slowdowns", default=None, help="comma list of s: add staged overlap at each")
+    parser.add_argument("--saturated-only", action="store_true", help="only the saturated table (with overlap)")
+    parser.add_argument("--target", type=float, default=1.15, help="--saturated-only: the ratio to reach")
     args = parser.parse_args()
     max_delay = args.max_delay_ms / 1000
+    default_slowdowns = "1,1.25,1.5,1.75,2" if args.saturated_only else ""
+    slowdowns = tuple(float(x) for x in (args.overlap_slowdowns or default_slowdowns).split(",") if x)
 
     costs: dict[str, Any] = {}
     if args.gpu_table is not None:
@@ -91,6 +147,9 @@ def main() -> None:
     else:
         costs["cifar10-cond-h100-model"] = LinearCost.through(H100_FLOOR, 64, H100_AT_64)
     costs["fashion32-cpu"] = table_cost(read_cost_table(args.cpu_table), "fashion32", "torch:fp32")
+    if args.saturated_only:
+        saturated_only(costs, slowdowns, args.target, args.out_dir)
+        return
     mixes = {"1 image": [1], "1-16 images": list(range(1, 17))}
 
     rows: list[dict[str, Any]] = []
@@ -99,7 +158,7 @@ def main() -> None:
     for cost_name, cost in costs.items():
         cascade = Cascade(RESOLUTIONS, NFE, cost)
         capacity = cascade.capacity(MAX_BATCH)
-        for sched in schedulers(cascade, max_delay):
+        for sched in schedulers(cascade, max_delay, slowdowns):
             saturated.append(
                 {"cost": cost_name, "scheduler": sched.name, "images_per_s": saturated_throughput(sched, 4096)}
             )
@@ -108,7 +167,7 @@ def main() -> None:
             count = args.requests if sizes == [1] else max(1000, args.requests // 4)
             for load in LOADS:
                 trace = poisson_trace(load * capacity / mean_size, count, sizes, args.seed)
-                for sched in schedulers(cascade, max_delay):
+                for sched in schedulers(cascade, max_delay, slowdowns):
                     stats = simulate(sched, trace)
                     rows.append(
                         {

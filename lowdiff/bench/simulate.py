@@ -22,6 +22,14 @@ Schedulers (each :class:`Scheduler` answers "what does the engine run next, or h
   images that arrived *before it reached the boundary* run the earlier stages and catch up, then
   share its batch; images arriving later do not extend the hold, so a hold lasts at most one call
   per earlier stage and nothing starves).
+* :class:`OverlapStagedScheduler` — ``lowdiff serve --scheduler staged --stage-overlap on``: the staged
+  scheduler's ``backlog`` policy in two lanes that run at the same time, one for the last stage, one for
+  the stages before it (later first), the lower lane at most ``limits[0] + 2 · limits[last]`` started
+  images ahead of the last. **Contention model** (an assumption, one parameter): while both lanes run,
+  each progresses at ``1/s`` of its speed alone (``slowdown`` s); s = 1 is perfect overlap (the GPU had
+  room for both), s = 2 none at all (two calls at once take as long as one after the other). Real
+  contention is not symmetric — the 8×8 stage's kernels leave SMs idle, the 32×32 stage's do not — so s
+  is what a measurement (``scripts/gpu_check.py``, step ``scheduler-overlap``) has to pin down.
 * :class:`ContinuousScheduler` — per-evaluation joining, LLM-style: a call runs *one* evaluation
   for up to ``limits[r]`` images at resolution r, whatever their step inside the stage (the network
   takes a σ per image), so images join a running stage at any evaluation. Its ``policy``:
@@ -265,6 +273,64 @@ class StagedScheduler(_QueuePerStage):
         return []
 
 
+class OverlapStagedScheduler(StagedScheduler):
+    """Stage-level batching in two concurrent lanes (``--stage-overlap on``), see the module docstring.
+
+    It answers per lane (:meth:`decide_lane`); :func:`simulate` and :func:`saturated_throughput` then run
+    both lanes on the contention model instead of one serial engine."""
+
+    kind = "staged overlap"
+    policies = ("later", "backlog")
+    lanes = ("last", "lower")  # asked in this order: what the last lane takes makes room for the lower
+
+    def __init__(
+        self, cascade: Cascade, limits: Mapping[int, int], max_delay: float, slowdown: float, policy: str = "backlog"
+    ):
+        if slowdown < 1:
+            raise ValueError(f"slowdown must be ≥ 1 (1: perfect overlap), got {slowdown}")
+        super().__init__(cascade, limits, max_delay, policy)
+        limit_text = "/".join(str(limits[r]) for r in cascade.resolutions)
+        self.name = f"staged overlap s={slowdown:g} {policy} ({limit_text})"
+        self.slowdown = slowdown
+        self.ahead_limit = self.limits[0] + 2 * self.limits[-1]
+
+    def decide(self, now: float) -> Call | float | None:
+        raise TypeError("an overlapped scheduler decides per lane (decide_lane)")
+
+    def decide_lane(self, lane: str, now: float) -> Call | float | None:
+        """What ``lane`` (idle now) runs next, a time to look again, or None (nothing for it now)."""
+        last = len(self.queues) - 1
+        if lane == "last":
+            if not self.queues[last]:
+                return None
+            batch = _take(self.queues[last], self.limits[last])
+            return Call(batch, last, self.cascade.stage_seconds(last, len(batch)), self.cascade.nfe[last])
+        waiting = [k for k in range(last) if self.queues[k]]
+        if not waiting:
+            return None
+        k = waiting[-1]
+        queue = self.queues[k]
+        limit = self.take_limit(k)
+        if k == 0:
+            if len(queue) < min(limit, self.limits[-1]):
+                fill_by = max(queue[0].request.arrival, self.free_since) + self.max_delay
+                if now < fill_by:
+                    return fill_by
+            room = self.ahead_limit - sum(len(q) for q in self.queues[1:])
+            if room < min(self.limits[-1], len(queue)):
+                return None  # far enough ahead: the last lane's next take makes room
+            limit = min(limit, room)
+        batch = _take(queue, limit)
+        return Call(batch, k, self.cascade.stage_seconds(k, len(batch)), self.cascade.nfe[k])
+
+    def finish(self, call: Call, now: float) -> list[Image]:
+        free_since = self.free_since
+        done = super().finish(call, now)
+        if call.stage == len(self.queues) - 1:
+            self.free_since = free_since  # the fill delay counts from the end of the lower lane's calls
+        return done
+
+
 class ContinuousScheduler(_QueuePerStage):
     """Per-evaluation joining: one evaluation per call, images at any step of the resolution's stage."""
 
@@ -351,6 +417,9 @@ def simulate(
         raise ValueError("empty trace")
     first = int(len(requests) * warmup_fraction)
     window_start, window_end = requests[first].arrival, requests[-1].arrival
+    if isinstance(scheduler, OverlapStagedScheduler):
+        run = _run_lanes(scheduler, requests, (window_start, window_end), on_call)
+        return _stats(scheduler, requests[first:], (window_start, window_end), run)
     now = 0.0
     nxt = 0
     done_in_window = 0
@@ -389,9 +458,22 @@ def simulate(
             if req.remaining == 0:
                 req.finish = now
                 pending -= 1
-    measured = requests[first:]
+    run = _LaneRun(busy, calls, per_stage, done_in_window, now)
+    return _stats(scheduler, requests[first:], (window_start, window_end), run)
+
+
+@dataclass
+class _LaneRun:
+    busy: float  # seconds inside the window with at least one call running
+    calls: int
+    per_stage: dict[str, list[int]]
+    done_in_window: int
+    end: float
+
+
+def _stats(scheduler: Scheduler, measured: list[Request], window: tuple[float, float], run: _LaneRun) -> RunStats:
     latencies = [r.finish - r.arrival for r in measured if r.finish is not None]
-    span = max(window_end - window_start, 1e-9)
+    span = max(window[1] - window[0], 1e-9)
     return RunStats(
         scheduler=scheduler.name,
         requests=len(measured),
@@ -400,11 +482,74 @@ def simulate(
         p90_s=percentile(latencies, 90),
         p99_s=percentile(latencies, 99),
         mean_s=sum(latencies) / len(latencies),
-        throughput=done_in_window / span,
-        busy=busy / span,
-        calls=calls,
-        images_per_call={k: sum(v) / len(v) for k, v in sorted(per_stage.items())},
+        throughput=run.done_in_window / span,
+        busy=run.busy / span,
+        calls=run.calls,
+        images_per_call={k: sum(v) / len(v) for k, v in sorted(run.per_stage.items())},
     )
+
+
+def _run_lanes(
+    scheduler: OverlapStagedScheduler,
+    requests: list[Request],
+    window: tuple[float, float],
+    on_call: Callable[[float, Call], None] | None = None,
+) -> _LaneRun:
+    """Replay ``requests`` through an overlapped scheduler: each lane runs one call at a time; a call of
+    ``seconds`` (its time alone) progresses at rate 1 while it runs alone and ``1/slowdown`` while the
+    other lane runs too. Idle lanes are asked again after every event (an arrival, a call's end, a
+    fill-delay timer)."""
+    now = 0.0
+    nxt = 0
+    pending = len(requests)
+    running: dict[str, list] = {}  # lane -> [call, seconds of its solo work left]
+    wake: dict[str, float] = {}
+    busy = 0.0
+    calls = 0
+    done_in_window = 0
+    per_stage: dict[str, list[int]] = {}
+    while pending:
+        while nxt < len(requests) and requests[nxt].arrival <= now:
+            r = requests[nxt]
+            scheduler.admit([Image(r) for _ in range(r.size)], now)
+            nxt += 1
+        for lane in scheduler.lanes:
+            if lane in running:
+                continue
+            wake.pop(lane, None)
+            decision = scheduler.decide_lane(lane, now)
+            if decision is None:
+                continue
+            if isinstance(decision, float | int):
+                wake[lane] = float(decision)
+                continue
+            if on_call is not None:
+                on_call(now, decision)
+            calls += 1
+            per_stage.setdefault(str(decision.stage), []).append(len(decision.images))
+            running[lane] = [decision, decision.seconds]
+        rate = 1.0 / scheduler.slowdown if len(running) > 1 else 1.0
+        next_arrival = requests[nxt].arrival if nxt < len(requests) else math.inf
+        ends = [now + left / rate for _, left in running.values()]
+        t = min([next_arrival, *wake.values(), *ends])
+        if t == math.inf:
+            raise RuntimeError(f"{scheduler.name}: idle with {pending} request(s) unfinished")
+        if running:
+            busy += max(0.0, min(t, window[1]) - max(now, window[0]))
+        for entry in running.values():
+            entry[1] -= (t - now) * rate
+        now = t
+        for lane in [lane for lane, (_, left) in running.items() if left <= 1e-12]:
+            call = running.pop(lane)[0]
+            for image in scheduler.finish(call, now):
+                if window[0] <= now <= window[1]:
+                    done_in_window += 1
+                req = image.request
+                req.remaining -= 1
+                if req.remaining == 0:
+                    req.finish = now
+                    pending -= 1
+    return _LaneRun(busy, calls, per_stage, done_in_window, now)
 
 
 def saturated_throughput(scheduler: Scheduler, images: int) -> float:
@@ -412,6 +557,8 @@ def saturated_throughput(scheduler: Scheduler, images: int) -> float:
     later): what a scheduler does with an always-full queue, without an open-loop window's edges."""
     trace = [(0.0, 1)] * images
     requests = [Request(t, n) for t, n in trace]
+    if isinstance(scheduler, OverlapStagedScheduler):
+        return images / _run_lanes(scheduler, requests, (0.0, math.inf)).end
     scheduler.admit([Image(r) for r in requests], 0.0)
     now = 0.0
     left = images
@@ -425,3 +572,25 @@ def saturated_throughput(scheduler: Scheduler, images: int) -> float:
         now += decision.seconds
         left -= len(scheduler.finish(decision, now))
     return images / now
+
+
+def slowdown_for(
+    target: float, cascade: Cascade, limits: Mapping[int, int], max_batch: int, images: int = 4096
+) -> float | None:
+    """The largest contention slowdown s at which overlapped stage batching still reaches ``target`` ×
+    the saturated throughput of whole-cascade batching at ``max_batch`` (bisection on s in [1, 2]);
+    None if even perfect overlap (s = 1) falls short."""
+    base = saturated_throughput(CascadeScheduler(cascade, max_batch, 0.0), images)
+
+    def ratio(s: float) -> float:
+        return saturated_throughput(OverlapStagedScheduler(cascade, limits, 0.0, s), images) / base
+
+    if ratio(1.0) < target:
+        return None
+    if ratio(2.0) >= target:
+        return 2.0
+    lo, hi = 1.0, 2.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ratio(mid) >= target else (lo, mid)
+    return lo

@@ -12,11 +12,13 @@ from lowdiff.bench.simulate import (
     CascadeScheduler,
     ContinuousScheduler,
     LinearCost,
+    OverlapStagedScheduler,
     StagedScheduler,
     percentile,
     poisson_trace,
     saturated_throughput,
     simulate,
+    slowdown_for,
     table_cost,
 )
 
@@ -111,3 +113,58 @@ def test_percentile_is_nearest_rank():
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError):
         StagedScheduler(CASCADE, BIG, 0.0, "fastest")
+
+
+# ---------------------------------------------------------------------------- overlapped lanes
+def _lane_work(cascade: Cascade, batch: int) -> tuple[float, float]:
+    """(lower stages, last stage) seconds for one batch of ``batch`` images alone."""
+    last = len(cascade.resolutions) - 1
+    return sum(cascade.stage_seconds(k, batch) for k in range(last)), cascade.stage_seconds(last, batch)
+
+
+def test_overlap_alone_costs_the_cascade_and_runs_every_stage_once_per_image():
+    delay = 0.01
+    stats = simulate(OverlapStagedScheduler(CASCADE, BIG, delay, 1.5), [(1.0, 3)], warmup_fraction=0.0)
+    assert stats.p50_s == pytest.approx(CASCADE.cascade_seconds(3) + delay)
+    calls: list[tuple[int | None, int]] = []
+    trace = poisson_trace(2 * CASCADE.capacity(64), 500, [1, 5], seed=2)
+    simulate(
+        OverlapStagedScheduler(CASCADE, BIG, 0.0, 1.2),
+        trace,
+        on_call=lambda t, c: calls.append((c.stage, len(c.images))),
+    )
+    images = sum(n for _, n in trace)
+    for k in range(len(RES)):
+        assert sum(n for stage, n in calls if stage == k) == images
+
+
+def test_overlap_gain_follows_the_contention_slowdown():
+    """s = 2 (two calls at once as slow as one after the other) on costs without a floor gives exactly the
+    cascade's throughput (no lane is ever idle while work is left, and total work does not depend on the
+    batch); s = 1 beats it but not the last stage alone; the gain falls as s grows."""
+    flat = Cascade(RES, NFE, LinearCost({8: 0.0, 16: 0.0, 32: 0.0}, COST.per_image))
+    cascade = saturated_throughput(CascadeScheduler(flat, 64, 0.0), 2048)
+    assert saturated_throughput(OverlapStagedScheduler(flat, SAME, 0.0, 2.0), 2048) == pytest.approx(cascade)
+    lower, last = _lane_work(CASCADE, 64)
+    base = saturated_throughput(CascadeScheduler(CASCADE, 64, 0.0), 2048)
+    ratios = [saturated_throughput(OverlapStagedScheduler(CASCADE, SAME, 0.0, s), 2048) / base for s in (1, 1.3, 1.6)]
+    assert ratios[0] <= (lower + last) / last + 1e-9  # never faster than the last stage alone
+    assert ratios[0] > 0.95 * (lower + last) / last and ratios[0] > ratios[1] > ratios[2]
+    s = slowdown_for(1.15, CASCADE, SAME, 64, images=2048)
+    assert s is not None and 1.0 < s < 1.6
+    assert slowdown_for(3.0, CASCADE, SAME, 64, images=512) is None
+
+
+def test_the_lower_lane_runs_at_most_its_limit_ahead():
+    sched = OverlapStagedScheduler(CASCADE, BIG, 0.0, 1.0)
+    assert sched.ahead_limit == 512 + 2 * 64
+    entries: list[int] = []
+
+    def check(t: float, call) -> None:
+        if call.stage == 0:  # the images it starts and those already started, not yet taken by the last lane
+            entries.append(len(call.images) + sum(len(q) for q in sched.queues[1:]))
+
+    simulate(sched, [(0.0, 1)] * 3000, warmup_fraction=0.0, on_call=check)
+    assert entries and max(entries) <= sched.ahead_limit
+    with pytest.raises(ValueError):
+        OverlapStagedScheduler(CASCADE, BIG, 0.0, 0.5)

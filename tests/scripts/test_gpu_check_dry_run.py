@@ -26,8 +26,8 @@ SCRIPT = ROOT / "scripts" / "gpu_check.py"
 PNG = b"\x89PNG\r\n\x1a\n"
 STEPS = [
     "environment", "parity", "profile", "cost-torch", "cost-cudagraph", "bench-base", "train-throughput",
-    "dit-ratio", "compile-gate", "saturation-cudagraph", "bench-all", "cost-compile", "profile-compile",
-    "parity-compile", "saturation-compile",
+    "dit-ratio", "scheduler-overlap", "compile-gate", "saturation-cudagraph", "bench-all", "cost-compile",
+    "profile-compile", "parity-compile", "saturation-compile",
 ]  # fmt: skip
 
 
@@ -59,7 +59,7 @@ def test_plan_estimate_fits_its_deadline_in_a_15_minute_window() -> None:
     assert match, proc.stdout
     estimate, deadline = float(match.group(1)), float(match.group(2))
     assert estimate <= deadline <= 9.5, proc.stdout
-    for new_step in ("train-throughput", "dit-ratio"):
+    for new_step in ("train-throughput", "dit-ratio", "scheduler-overlap"):
         assert re.search(rf"{new_step} +expected", proc.stdout), proc.stdout
 
 
@@ -106,6 +106,25 @@ def test_dit_ratio_and_training_tables(tmp_path: Path) -> None:
     md = gc.train_throughput_markdown({"results": [ok, failed]})
     assert "| cifar10-cond | H100 | bf16 | 512 | 128 × 4 | 56.0 M | 0.500 (10 steps) | **1024.0** | 20.0 | 2.3 |" in md
     assert "out of memory at batch_gpu [256]" in md and "RuntimeError: x / y" in md
+
+
+def test_scheduler_overlap_table() -> None:
+    """The overlap step's table, from made-up results: ratios to cascade, the lanes' overlap, an engine
+    that failed gets its row and its note."""
+    gc = load_script()
+    rows = [("cascade", 100.0, 0.0), ("staged", 105.0, 0.0), ("staged+overlap", 120.0, 2.5)]
+    ok = {
+        "engine": "cudagraph:bf16", "model": "cifar10-cond", "max_batch": 64, "limits": {"8": 512}, "outstanding": 256,
+        "warm_s": 1.5, "window_s": 3.5,
+        "results": [{"scheduler": name, "images_per_s": rate, "vs_cascade": rate / 100, "both_lanes_busy_s": both,
+                     "run_s": 5.0, "max_levels_vs_cascade": 1.0, "same_seed_images": 512}
+                    for name, rate, both in rows],
+    }  # fmt: skip
+    failed = {"engine": "torch:bf16", "error": "RuntimeError: x | y"}
+    md = gc.overlap_markdown({"model": "cifar10-cond", "results": [ok, failed]})
+    assert "| cudagraph:bf16 | staged+overlap | 120.0 | **1.200** | 50 % | 1 (512 images) |  |" in md
+    assert "| cudagraph:bf16 | staged | 105.0 | **1.050** | – |" in md
+    assert "RuntimeError: x / y" in md and "256 single-image requests outstanding" in md
 
 
 def test_dry_run_of_two_steps(tmp_path: Path) -> None:
@@ -160,5 +179,10 @@ def test_whole_dry_run(tmp_path: Path) -> None:
     dit = report["dit_ratio"]
     assert [dit["cascade"]["config"], dit["baseline"]["config"]] == ["tiny-latent-lowdiff", "tiny-latent-base"]
     assert dit["ratio_with_decode"] > 0 and dit["cascade"]["decode_s_mean"] > 0
+    overlap = json.loads((out / "scheduler-overlap.json").read_text())["results"]
+    assert [e["engine"] for e in overlap] == ["torch:fp32"]
+    assert [r["scheduler"] for r in overlap[0]["results"]] == ["cascade", "staged", "staged+overlap"]
+    assert all(r["max_levels_vs_cascade"] in (0, None) for r in overlap[0]["results"])
     md = (out / "gpu_check.md").read_text()
+    assert "## scheduler-overlap" in md
     assert "## train-throughput" in md and "## dit-ratio" in md and "with the decode" in md
