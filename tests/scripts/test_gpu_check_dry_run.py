@@ -130,9 +130,9 @@ def test_scheduler_overlap_table() -> None:
 def test_dry_run_of_two_steps(tmp_path: Path) -> None:
     out = tmp_path / "check"
     steps = "parity,cost-torch"
-    proc = run_check("--cpu-dry-run", "--out", str(out), "--only", steps, "--deadline-s", "120",
+    proc = run_check("--cpu-dry-run", "--out", str(out), "--only", steps, "--deadline-s", "420",
                      "--inductor-cache", str(tmp_path / "cache"), "--tar", str(tmp_path / "check.tgz"),
-                     timeout=300)  # fmt: skip
+                     timeout=480)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = check_files(out)
     for name in STEPS:
