@@ -485,7 +485,7 @@ class Trainer:
             raise SettingsError(f"{self.config.name} is a pixel config; only latent configs take one", "autoencoder")
         if autoencoder.config != self.config.autoencoder:
             raise CheckpointError(
-                f"its autoencoder ({autoencoder.config}) is not the one {self.config.name} is built for "
+                f"the file's autoencoder ({autoencoder.config}) is not the one {self.config.name} is built for "
                 f"({self.config.autoencoder})",
                 "autoencoder",
             )
