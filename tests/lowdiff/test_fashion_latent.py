@@ -114,6 +114,28 @@ def test_sample_writes_32_pixel_pngs(pipeline: dict[str, Path], lowdiff_cli, tmp
         assert png.size == (32, 32) and png.mode == "L"
 
 
+def test_serve_answers_with_32_pixel_grey_images(pipeline: dict[str, Path], live_server) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    from lowdiff.service.app import create_app
+    from lowdiff.service.settings import ServeSettings
+
+    model = LowDiffModel.load(pipeline["final"])
+    with live_server(create_app(ServeSettings(engine="torch", max_batch=2), model=model)) as srv:
+        with srv.wait_ready(120).client() as client:
+            info = client.get("/v1/models").json()
+            r = client.post("/generate", json={"class_label": 4, "seed": 9, "num_images": 1})
+    assert (info["image_channels"], info["image_resolution"]) == (1, 32)
+    assert r.status_code == 200, r.text
+    with Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]["png_base64"]))) as png:
+        pixels = np.asarray(png)
+    assert pixels.shape == (32, 32)
+    np.testing.assert_array_equal(pixels, model.generate([9], [4])[0, 0].numpy())
+
+
 def test_autoencoder_training_resumes_exactly(pipeline: dict[str, Path], lowdiff_cli, tmp_path: Path) -> None:
     def run(run_dir: Path, kimg: str, *extra: str):
         return lowdiff_cli("train-autoencoder", "--config", str(pipeline["config"]), "--data", str(pipeline["data"]),
