@@ -285,9 +285,9 @@ VAVAE_F16D32 = AutoencoderConfig()
 # goes through a small KL autoencoder with 4× downsampling to 8×8×4 latents: 256 numbers for 1,024
 # pixels. f4 rather than f8 because 4×4 latents of a 28-pixel garment keep too little of its texture
 # (collars, stripes, logos), and 4 channels as LDM's KL-f4/f8 models. Width 32 (GroupNorm(32) needs
-# multiples of 32), one residual block per level, attention only in the 8×8 middle (64 tokens): ~0.95 M
-# parameters, 1.8 CPU-s per training step of 64 images on one thread (measured on the busy 2-core
-# machine as CPU time, so about the idle-core wall time).
+# multiples of 32), one residual block per level, attention only in the 8×8 middle (64 tokens): 0.95 M
+# parameters, 0.11 GFLOP to encode and 0.31 to decode an image (the decoder costs about two 8×8 DiT
+# evaluations); 1.8 CPU-s per training step of 64 images on one thread, 0.6 CPU-s to encode 256 images.
 FASHION_AE_F4C4 = AutoencoderConfig(
     ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, in_channels=1, out_channels=1,
     encoder_attn_levels=(), decoder_attn_levels=(),
@@ -328,11 +328,12 @@ FASHION_LATENT_RECIPE = TrainingRecipe(
 
 
 def _fashion_dit(resolutions: tuple[int, ...]) -> DiTConfig:
-    # LightningDiT's block at width 128, depth 6, 4 heads of 32 (~1.9 M parameters; fashion32's U-Net has
-    # 1.2 M), patch 1: 64 tokens at 8×8, 16 at 4×4. Measured as CPU time per training step of 64 latents
-    # on one thread of the busy 2-core machine: 1.45 s for the cascade (both stages' losses), 1.17 s for
-    # the baseline; on 2 idle threads ≈ 0.85 and 0.7 s, so 200 kimg (3,125 steps) ≈ 45 and 35 minutes.
-    # Width 192 cost 2.6 / 2.0 CPU-s per step (≈ 80 minutes for the cascade), past the budget.
+    # LightningDiT's block at width 128, depth 6, 4 heads of 32 (1.9 M parameters; fashion32's U-Net has
+    # 1.2 M), patch 1: 64 tokens at 8×8, 16 at 4×4. Measured per training step of 64 latents on one free
+    # thread of the 2-core machine (wall = CPU time): 1.15 s for the cascade (both stages' losses), 0.86 s
+    # for the baseline, so 200 kimg (3,125 steps) is 60 and 45 minutes on one thread, an estimated 35–40
+    # and 25–30 on two (a 1.6–1.7× thread speed-up, not measured: the machine was busy). Width 192 cost
+    # about 1.8× as much per step, past the budget; width 96 would leave the DiT smaller than fashion32's U-Net.
     return DiTConfig(
         img_resolution=8, img_channels=4, label_dim=10, resolutions=resolutions, hidden_size=128, depth=6, num_heads=4
     )
