@@ -281,6 +281,64 @@ def _dit_b1(resolutions: tuple[int, ...]) -> DiTConfig:
 VAVAE_F16D32 = AutoencoderConfig()
 
 
+# fashion32-latent: the latent system at a size a CPU trains (issue 18). Fashion-MNIST padded to 32×32×1
+# goes through a small KL autoencoder with 4× downsampling to 8×8×4 latents: 256 numbers for 1,024
+# pixels. f4 rather than f8 because 4×4 latents of a 28-pixel garment keep too little of its texture
+# (collars, stripes, logos), and 4 channels as LDM's KL-f4/f8 models. Width 32 (GroupNorm(32) needs
+# multiples of 32), one residual block per level, attention only in the 8×8 middle (64 tokens): 0.95 M
+# parameters, 0.11 GFLOP to encode and 0.31 to decode an image (the decoder costs about two 8×8 DiT
+# evaluations); 1.8 CPU-s per training step of 64 images on one thread, 0.6 CPU-s to encode 256 images.
+FASHION_AE_F4C4 = AutoencoderConfig(
+    ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, in_channels=1, out_channels=1,
+    encoder_attn_levels=(), decoder_attn_levels=(),
+)  # fmt: skip
+# Sampling. Shift 1 (a uniform grid), not LightningDiT's 0.3: SD3's rule scales the shift with the
+# square root of the latent's size, and 8×8×4 = 256 values is 32× fewer than 16×16×32, which brings
+# LightningDiT's setting to about 1 (≈ 1.7 by the rule; 1 is the cautious end). Guidance mild, 1.5 from
+# t = 0.1 on every channel: a small, briefly trained class-conditional model gains class fidelity from
+# some guidance, while the scale 10 of LightningDiT's 64-epoch models saturates small models' samples;
+# all channels because LightningDiT's channels 0–2 are a leftover of DiT's 4-channel code, not a choice.
+# The baseline runs 32 Euler steps at 8×8. The cascade mirrors Table 4's 100 → 45 + 50: the 4×4 stage
+# runs 16 of a 32-step grid and hands off at t = 0.5 (σ-equivalent (1 − t)/t = 1, the moderate hand-off
+# level of the pixel configs), the 8×8 stage runs 16 steps. A 4×4 evaluation has a quarter of the
+# tokens, so the cascade costs ≈ 16/4 + 16 = 20 8×8-evaluations against the baseline's 32 (1.6×, as
+# the paper's 1.65×; `lowdiff models` counts the GFLOP).
+FASHION_LATENT_SAMPLING = {"shift": 1.0, "guidance_scale": 1.5, "guidance_start": 0.1, "guidance_channels": None}
+FASHION_LATENT_BASELINE_32 = CascadeSchedule((FlowStageSchedule(8, 32, **FASHION_LATENT_SAMPLING),))
+FASHION_LATENT_CASCADE_16_16 = CascadeSchedule(
+    (
+        FlowStageSchedule(4, 32, truncate_at=16, **FASHION_LATENT_SAMPLING),
+        FlowStageSchedule(8, 16, **FASHION_LATENT_SAMPLING),
+    )
+)
+# The small recipe for a ~200 kimg CPU run: batch 64 (as fashion32), lr 5e-4 (transformers want less than
+# fashion32's U-Net at 1e-3; LightningDiT runs 2e-4 at batch 1024) after a 2 kimg warm-up, EMA half-life
+# 10 kimg (ramp 0.1) so that the EMA averages the last ~5 % of the run, clipping at 1, each stage's loss a
+# mean over latent elements (the flow loss always is).
+FASHION_LATENT_RECIPE = TrainingRecipe(
+    batch_size=64,
+    lr=5e-4,
+    lr_rampup_kimg=2.0,
+    ema_halflife_kimg=10.0,
+    ema_rampup_ratio=0.1,
+    grad_clip=1.0,
+    loss_weighting="equal",
+    augment_p=0.0,
+)
+
+
+def _fashion_dit(resolutions: tuple[int, ...]) -> DiTConfig:
+    # LightningDiT's block at width 128, depth 6, 4 heads of 32 (1.9 M parameters; fashion32's U-Net has
+    # 1.2 M), patch 1: 64 tokens at 8×8, 16 at 4×4. Measured per training step of 64 latents on one free
+    # thread of the 2-core machine (wall = CPU time): 1.15 s for the cascade (both stages' losses), 0.86 s
+    # for the baseline, so 200 kimg (3,125 steps) is 60 and 45 minutes on one thread, an estimated 35–40
+    # and 25–30 on two (a 1.6–1.7× thread speed-up, not measured: the machine was busy). Width 192 cost
+    # about 1.8× as much per step, past the budget; width 96 would leave the DiT smaller than fashion32's U-Net.
+    return DiTConfig(
+        img_resolution=8, img_channels=4, label_dim=10, resolutions=resolutions, hidden_size=128, depth=6, num_heads=4
+    )
+
+
 def _builtin() -> dict[str, ModelConfig]:
     # Long on purpose: one flat table of every built-in config is easier to read than a generator.
     configs = [
@@ -390,6 +448,28 @@ def _builtin() -> dict[str, ModelConfig]:
             description="LowDiff on LightningDiT-B/1, latents 8×8 → 16×16, Euler NFE 45 + 50",
             training=LIGHTNINGDIT_RECIPE,
             autoencoder=VAVAE_F16D32,
+        ),
+        ModelConfig(
+            "fashion32-latent",
+            _fashion_dit((4, 8)),
+            FASHION_LATENT_CASCADE_16_16,
+            preconditioning="flow",
+            pad=2,
+            description="small latent LowDiff: Fashion-MNIST 32×32 in 8×8×4 KL latents, 4×4 → 8×8, Euler NFE 16 + 16",
+            class_names=FASHION_MNIST_CLASSES,
+            training=FASHION_LATENT_RECIPE,
+            autoencoder=FASHION_AE_F4C4,
+        ),
+        ModelConfig(
+            "fashion32-latent-baseline",
+            _fashion_dit((8,)),
+            FASHION_LATENT_BASELINE_32,
+            preconditioning="flow",
+            pad=2,
+            description="single-stage baseline of fashion32-latent: 8×8×4 latents, Euler NFE 32",
+            class_names=FASHION_MNIST_CLASSES,
+            training=FASHION_LATENT_RECIPE,
+            autoencoder=FASHION_AE_F4C4,
         ),
     ]
     return {c.name: c for c in configs}

@@ -196,10 +196,16 @@ def load_split(
     return train, held, labels[train_idx], labels[held_idx]
 
 
-def load_latents(path: Path, channels: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def load_latents(
+    path: Path, channels: int, resolution: int, autoencoder_sha256: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A latent config's training set: a ``.pt`` file ``{"latents": float [N, C, R, R], "labels": int [N]}``
     (labels optional) holding images already encoded by the model's autoencoder and normalised with its
-    latent statistics. Read weights-only (tensors, never code); shape, finiteness and labels checked."""
+    latent statistics. Read weights-only (tensors, never code); shape, finiteness and labels checked.
+
+    A file written by ``lowdiff encode-latents`` also names the autoencoder file that encoded it
+    (``autoencoder_sha256``); given the run's autoencoder's hash, a file from another autoencoder is
+    refused, since its latents mean nothing to this decoder."""
     if not path.is_file():
         raise DataError(f"latents file not found: {path}")
     try:
@@ -223,4 +229,10 @@ def load_latents(path: Path, channels: int, resolution: int) -> tuple[torch.Tens
         if len(labels) and int(labels.min()) < 0:
             raise DataError(f"{path}: labels must be ≥ 0")
         labels = labels.long()
+    encoded_by = data.get("autoencoder_sha256")
+    if autoencoder_sha256 is not None and isinstance(encoded_by, str) and encoded_by != autoencoder_sha256:
+        raise DataError(
+            f"{path}: encoded by another autoencoder (sha256 {encoded_by[:12]}…, not {autoencoder_sha256[:12]}…); "
+            "encode the data with this run's autoencoder (`lowdiff encode-latents`)"
+        )
     return latents.float().contiguous(), labels

@@ -87,7 +87,7 @@ AUTOENCODER_INT_BOUNDS = {
 AUTOENCODER_MAX_LEVELS = 8
 
 
-def _autoencoder_from_dict(data: Any) -> AutoencoderConfig:
+def autoencoder_config_from_dict(data: Any) -> AutoencoderConfig:
     """An :class:`AutoencoderConfig` from untrusted data: keys, types and ranges checked (ValueError)."""
     if not isinstance(data, dict):
         raise ValueError(f"autoencoder must be a dict, got {type(data).__name__}")
@@ -201,7 +201,7 @@ def config_from_dict(data: Any) -> ModelConfig:
     try:
         network = _network_from_dict(data["network"])
         schedule = CascadeSchedule.from_dict(data["schedule"])
-        autoencoder = None if data.get("autoencoder") is None else _autoencoder_from_dict(data["autoencoder"])
+        autoencoder = None if data.get("autoencoder") is None else autoencoder_config_from_dict(data["autoencoder"])
     except (TypeError, KeyError, ValueError, ConfigError) as exc:
         raise ConfigError(f"invalid network, schedule or autoencoder ({type(exc).__name__}: {exc})", "config") from None
     if data["preconditioning"] not in PRECONDITIONINGS:
@@ -436,7 +436,7 @@ def load_model(checkpoint: str | Path | None = None, config: str | None = None) 
     weights = payload.get("ema_state_dict", payload.get("state_dict"))
     if not isinstance(weights, dict) or not weights:
         raise CheckpointError(f"{path}: holds no weights (state_dict)", "checkpoint")
-    _check_weights(path, weights, model.denoiser.net.state_dict(), f"config {model_config.name!r}")
+    check_weights(path, weights, model.denoiser.net.state_dict(), f"config {model_config.name!r}")
     model.denoiser.net.load_state_dict(weights)
     if model.decoder is not None:
         decoder_weights = payload.get(AUTOENCODER_WEIGHTS)
@@ -444,7 +444,7 @@ def load_model(checkpoint: str | Path | None = None, config: str | None = None) 
             raise CheckpointError(
                 f"{path}: a latent model's checkpoint must hold its decoder ({AUTOENCODER_WEIGHTS})", "checkpoint"
             )
-        _check_weights(path, decoder_weights, model.decoder.state_dict(), f"the autoencoder of {model_config.name!r}")
+        check_weights(path, decoder_weights, model.decoder.state_dict(), f"the autoencoder of {model_config.name!r}")
         std = decoder_weights["latent_std"]
         if not bool(torch.isfinite(std).all()) or not bool((std > 0).all()):
             raise CheckpointError(f"{path}: the latent statistics' std must be finite and positive", "checkpoint")
@@ -460,7 +460,7 @@ def load_model(checkpoint: str | Path | None = None, config: str | None = None) 
     return model
 
 
-def _check_weights(path: Path, weights: dict, expected: dict[str, torch.Tensor], what: str) -> None:
+def check_weights(path: Path, weights: dict, expected: dict[str, torch.Tensor], what: str) -> None:
     """Every expected tensor present with its shape, nothing else: a :class:`CheckpointError` naming
     the first offenders of each kind otherwise."""
     missing = sorted(set(expected) - set(weights))

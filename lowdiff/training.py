@@ -46,6 +46,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lowdiff.augment import AUGMENT_LABELS, AugmentPipe
+from lowdiff.autoencoder import KLAutoencoder, LatentDecoder
 from lowdiff.configs import LossWeighting, ModelConfig
 from lowdiff.errors import CheckpointError, ConfigError, SettingsError
 from lowdiff.flow_training import flow_cascade_loss
@@ -361,6 +362,7 @@ class Trainer:
         self.skipped_steps = 0
         self.wall_seconds = 0.0
         self.ramp_origin = 0  # nimg at which the learning-rate ramp-up (re)starts
+        self.autoencoder_sha256: str | None = None  # a latent run's autoencoder file (kept in the metadata)
 
     @property
     def iteration(self) -> int:
@@ -402,7 +404,7 @@ class Trainer:
             "batch_size": self.recipe.batch_size,
             "lr": self.recipe.lr,
             "ema_halflife_kimg": self.recipe.ema_halflife_kimg,
-        }
+        } | ({} if self.autoencoder_sha256 is None else {"autoencoder_sha256": self.autoencoder_sha256})
 
     def resume(self) -> bool:
         if not self.checkpoint_path.exists():
@@ -421,7 +423,9 @@ class Trainer:
             self.step, self.nimg = int(state["step"]), int(state["nimg"])
             self.skipped_steps, self.wall_seconds = int(state["skipped_steps"]), float(state["wall_seconds"])
             self.ramp_origin = int(state.get("ramp_origin", 0))
-        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            source = payload.get("metadata", {}).get("autoencoder_sha256")
+            self.autoencoder_sha256 = source if isinstance(source, str) else None
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
             raise CheckpointError(
                 f"{self.checkpoint_path}: not a resumable training checkpoint ({type(exc).__name__})", "run_dir"
             ) from None
@@ -463,11 +467,31 @@ class Trainer:
         self.ema.load_state_dict(weights)
         if self.model.decoder is not None and source.decoder is not None:
             self.model.decoder.load_state_dict(source.decoder.state_dict())  # the latents' own autoencoder
+            source_sha = source.metadata.get("autoencoder_sha256")
+            self.autoencoder_sha256 = source_sha if isinstance(source_sha, str) else None
         if keep_count:
             meta = source.metadata
             self.step = int(meta.get("step", 0))
             self.nimg = self.ramp_origin = int(meta.get("training_images", 0))
             self.wall_seconds = float(meta.get("wall_seconds", 0.0))
+
+    def use_autoencoder(self, autoencoder: KLAutoencoder, sha256: str | None = None) -> None:
+        """A fresh latent run's decode stage: the decoder and latent statistics of the trained autoencoder
+        whose (normalised) latents the run trains on, so that every checkpoint it writes decodes to images.
+
+        Without this a fresh latent run would carry a randomly initialised decoder (LowDiffModel's
+        default), and its checkpoints would sample noise however well the DiT trained."""
+        if self.model.decoder is None:
+            raise SettingsError(f"{self.config.name} is a pixel config; only latent configs take one", "autoencoder")
+        if autoencoder.config != self.config.autoencoder:
+            raise CheckpointError(
+                f"the file's autoencoder ({autoencoder.config}) is not the one {self.config.name} is built for "
+                f"({self.config.autoencoder})",
+                "autoencoder",
+            )
+        decoder = LatentDecoder.from_autoencoder(autoencoder)
+        self.model.decoder.load_state_dict(decoder.state_dict())
+        self.autoencoder_sha256 = sha256
 
     def ema_model(self) -> LowDiffModel:
         model = LowDiffModel(self.config, decoder=self.model.decoder)
@@ -589,7 +613,7 @@ class Trainer:
         batches = iter(self.loader(images, labels))
         stopping = False
         progress = Progress(total, f"training {self.config.name}", "img", stream=log, initial=self.nimg)
-        with _stop_signals() as stop, progress:
+        with stop_signals() as stop, progress:
             while self.nimg < total and not stopping:
                 batch_images, batch_labels = next(batches)
                 per_res = self.train_step(batch_images, batch_labels if labels is not None else None)
@@ -645,7 +669,7 @@ class _StopFlag:
 
 
 @contextmanager
-def _stop_signals() -> Iterator[_StopFlag]:
+def stop_signals() -> Iterator[_StopFlag]:
     """SIGINT/SIGTERM set a flag that the training loop checks after each step (main thread only)."""
     flag = _StopFlag()
 

@@ -64,10 +64,10 @@ def test_train_runs_the_flow_loss_and_keeps_the_autoencoder(lowdiff_cli, latent_
     ],
 )
 def test_bad_latents_are_one_line(lowdiff_cli, latent_setup, tmp_path: Path, payload: dict, needle: str) -> None:
-    config, _, _ = latent_setup
+    config, _, init = latent_setup
     bad = tmp_path / "bad.pt"
     torch.save(payload, bad)
     r = lowdiff_cli("train", "--config", str(config), "--data", str(bad), "--run-dir", str(tmp_path / "run"),
-                    "--kimg", "0.004", "--quiet")  # fmt: skip
+                    "--kimg", "0.004", "--init-from", str(init), "--quiet")  # fmt: skip
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert needle in r.stderr and "--data" in r.stderr

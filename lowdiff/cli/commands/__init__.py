@@ -4,6 +4,7 @@ registers them in this order. A new command: a module here and one line below.""
 from __future__ import annotations
 
 from lowdiff.cli.commands import (
+    autoencoder,
     bench,
     evaluate,
     export,
@@ -20,6 +21,8 @@ COMMANDS = (
     sample.register,
     train.register,
     train.register_export_ema,
+    autoencoder.register,
+    autoencoder.register_encode_latents,
     evaluate.register,
     evaluate.register_train_classifier,
     export.register,

@@ -141,6 +141,14 @@ def register(sub: Any) -> None:
         "input/output layers and resolution embedding fresh (see README, 'Fine-tune LowDiff from EDM')",
     )
     p.add_argument(
+        "--autoencoder",
+        type=Path,
+        default=None,
+        help="a latent config's trained autoencoder (`lowdiff train-autoencoder`), the one that encoded --data: "
+        "its decoder and latent statistics go into every checkpoint of the run (needed to start a latent run "
+        "unless --init-from brings them)",
+    )
+    p.add_argument(
         "--keep-count",
         action="store_true",
         help="with --init-from: continue the step and training-image counts from the checkpoint's metadata",
@@ -189,13 +197,15 @@ def _train(args: argparse.Namespace, distributed: Any) -> None:
         raise SettingsError("give --init-from or --init-from-edm, not both", "init_from_edm")
     if args.keep_count and args.init_from is None:
         raise SettingsError("only with --init-from", "keep_count")
+    autoencoder = _check_autoencoder_flags(config, args, checkpoint)
     net = config.network
     if config.latent:  # latents encoded by the model's autoencoder, normalised (no hold-out, no padding)
         import torch
 
         from lowdiff.data import load_latents
 
-        x, labels = load_latents(args.data, net.img_channels, net.img_resolution)
+        sha = None if autoencoder is None else autoencoder.sha256
+        x, labels = load_latents(args.data, net.img_channels, net.img_resolution, autoencoder_sha256=sha)
         if config.conditional and labels is None:
             raise DataError(f"{args.data}: {config.name} is class-conditional; the latents file needs 'labels'")
         y = labels if config.conditional else None
@@ -248,6 +258,11 @@ def _train(args: argparse.Namespace, distributed: Any) -> None:
         )
     if args.resume and trainer.resume():
         print(f"resumed from {trainer.checkpoint_path} at {trainer.nimg / 1000:.1f} kimg", file=sys.stderr)
+        if autoencoder is not None:
+            _check_same_decoder(trainer, autoencoder)
+    elif autoencoder is not None:
+        trainer.use_autoencoder(autoencoder.autoencoder, autoencoder.sha256)
+        print(f"decoder and latent statistics from {args.autoencoder}", file=sys.stderr)
     elif args.init_from is not None:
         trainer.init_from(args.init_from, keep_count=args.keep_count)
         print(f"initialised from {args.init_from}", file=sys.stderr)
@@ -280,6 +295,43 @@ def _train(args: argparse.Namespace, distributed: Any) -> None:
     if args.export and distributed.main:
         trainer.ema_model().save(args.export)
         print(f"EMA weights written to {args.export}", file=sys.stderr)
+
+
+def _check_autoencoder_flags(config: Any, args: argparse.Namespace, checkpoint: Path) -> Any:
+    """The ``--autoencoder`` file (an :class:`~lowdiff.autoencoder_training.AutoencoderFile`) or None,
+    after the checks that need no training state: a latent run that starts afresh must say which
+    autoencoder its latents came from — without one its checkpoints would carry a random decoder."""
+    if args.autoencoder is not None and not config.latent:
+        raise SettingsError(f"{config.name} is a pixel config; --autoencoder is for latent configs", "autoencoder")
+    if args.autoencoder is not None and args.init_from is not None:
+        raise SettingsError("give --autoencoder or --init-from (whose checkpoint brings its decoder), not both",
+                            "autoencoder")  # fmt: skip
+    resuming = args.resume and checkpoint.exists()
+    if config.latent and args.autoencoder is None and args.init_from is None and not resuming:
+        raise SettingsError(
+            f"{config.name} is a latent config: pass the autoencoder that encoded --data (`lowdiff "
+            "train-autoencoder`, then `lowdiff encode-latents`), or --init-from a latent checkpoint",
+            "autoencoder",
+        )
+    if args.autoencoder is None:
+        return None
+    from lowdiff.autoencoder_training import load_autoencoder
+
+    return load_autoencoder(args.autoencoder)
+
+
+def _check_same_decoder(trainer: Any, autoencoder: Any) -> None:
+    """A resumed run keeps the decoder it started with; ``--autoencoder`` may repeat it, not replace it."""
+    import torch
+
+    from lowdiff.autoencoder import LatentDecoder
+
+    given = LatentDecoder.from_autoencoder(autoencoder.autoencoder).state_dict()
+    stored = trainer.model.decoder.state_dict()
+    if given.keys() != stored.keys() or not all(torch.equal(given[k], stored[k].cpu()) for k in given):
+        raise CheckpointError(
+            f"{autoencoder.path} is not the autoencoder {trainer.checkpoint_path} was started with", "autoencoder"
+        )
 
 
 def resolve_device(device: str) -> str:
