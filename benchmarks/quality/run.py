@@ -325,7 +325,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"Confirmation of **{c['confirmed']}** (chosen on other seeds; nothing selected here): FD "
             f"{c['fd']:.2f} vs {c['baseline']}'s {c['baseline_fd']:.2f} "
             f"({'beats' if c['beats_baseline'] else 'does not beat'} it), class agreement "
-            f"{100 * c['class_agreement']:.1f} %, {c['throughput_ratio']:.2f}× its throughput "
+            f"{100 * c['class_agreement']:.1f} %, {c['throughput_ratio']:.3f}× its throughput "
             f"({'≥' if c['reaches_target_speed'] else '<'} {SPEEDUP_TARGET}×); EDM's FD at equal throughput "
             + ("outside EDM's curve" if at is None else f"{at:.2f}")
             + ".",
