@@ -450,14 +450,9 @@ def simulate(
         calls += 1
         per_stage.setdefault("all" if call.stage is None else str(call.stage), []).append(len(call.images))
         now = end
-        for image in scheduler.finish(call, now):
-            if window_start <= now <= window_end:
-                done_in_window += 1
-            req = image.request
-            req.remaining -= 1
-            if req.remaining == 0:
-                req.finish = now
-                pending -= 1
+        done, finished = _complete(scheduler, call, now, (window_start, window_end))
+        done_in_window += done
+        pending -= finished
     run = _LaneRun(busy, calls, per_stage, done_in_window, now)
     return _stats(scheduler, requests[first:], (window_start, window_end), run)
 
@@ -487,6 +482,21 @@ def _stats(scheduler: Scheduler, measured: list[Request], window: tuple[float, f
         calls=run.calls,
         images_per_call={k: sum(v) / len(v) for k, v in sorted(run.per_stage.items())},
     )
+
+
+def _complete(scheduler: Scheduler, call: Call, now: float, window: tuple[float, float]) -> tuple[int, int]:
+    """Hands ``call``'s images back to ``scheduler`` at ``now``; marks the requests they complete.
+    Returns (images done inside ``window``, requests finished)."""
+    done = finished = 0
+    for image in scheduler.finish(call, now):
+        if window[0] <= now <= window[1]:
+            done += 1
+        req = image.request
+        req.remaining -= 1
+        if req.remaining == 0:
+            req.finish = now
+            finished += 1
+    return done, finished
 
 
 def _run_lanes(
@@ -540,15 +550,9 @@ def _run_lanes(
             entry[1] -= (t - now) * rate
         now = t
         for lane in [lane for lane, (_, left) in running.items() if left <= 1e-12]:
-            call = running.pop(lane)[0]
-            for image in scheduler.finish(call, now):
-                if window[0] <= now <= window[1]:
-                    done_in_window += 1
-                req = image.request
-                req.remaining -= 1
-                if req.remaining == 0:
-                    req.finish = now
-                    pending -= 1
+            done, finished = _complete(scheduler, running.pop(lane)[0], now, window)
+            done_in_window += done
+            pending -= finished
     return _LaneRun(busy, calls, per_stage, done_in_window, now)
 
 
