@@ -38,10 +38,29 @@ EDM_SNAPSHOT_SUFFIX = ".pkl"
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 DEFAULT_CHECKPOINT_NAME = "fashion32.pt"
+# Models whose trained weights ship inside the package (lowdiff/weights/): a name here may stand for a
+# checkpoint path anywhere one is taken (``--checkpoint fashion32-latent``, ``lowdiff.load("edm-fashion32")``).
+EMBEDDED_MODELS = {
+    "fashion32": DEFAULT_CHECKPOINT_NAME,
+    "edm-fashion32": "edm-fashion32.pt",
+    "fashion32-latent": "fashion32-latent.pt",
+    "fashion32-latent-baseline": "fashion32-latent-baseline.pt",
+}
 
 
 def default_checkpoint_path() -> Path:
     return Path(str(resources.files("lowdiff") / "weights" / DEFAULT_CHECKPOINT_NAME))
+
+
+def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
+    """A checkpoint argument as a path: ``None`` → the embedded default; an existing file → itself; the
+    name of an embedded model (:data:`EMBEDDED_MODELS`) that is not a file here → its packaged weights."""
+    if checkpoint is None:
+        return default_checkpoint_path()
+    path = Path(checkpoint)
+    if not path.exists() and str(checkpoint) in EMBEDDED_MODELS:
+        return Path(str(resources.files("lowdiff") / "weights" / EMBEDDED_MODELS[str(checkpoint)]))
+    return path
 
 
 def config_to_dict(config: ModelConfig) -> dict[str, Any]:
@@ -426,7 +445,7 @@ def load_model(checkpoint: str | Path | None = None, config: str | None = None) 
         raise ConfigError("give either a checkpoint or a config (random weights), not both", "config")
     if config is not None:
         return LowDiffModel(load_config(config))
-    path = Path(checkpoint) if checkpoint is not None else default_checkpoint_path()
+    path = resolve_checkpoint(checkpoint)
     payload = read_checkpoint(path)
     try:
         model_config = config_from_dict(payload["config"])
@@ -486,7 +505,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     ``.pkl`` (an EDM network snapshot, read as data by :mod:`lowdiff.edm_import` and mapped onto a
     single-stage LowDiff model) give the same payload as a ``.pt`` checkpoint."""
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}", "checkpoint")
+        raise CheckpointError(
+            f"checkpoint not found: {path} (embedded models: {', '.join(EMBEDDED_MODELS)})", "checkpoint"
+        )
     if path.suffix == EDM_SNAPSHOT_SUFFIX:
         imported = import_snapshot(path)
         return {

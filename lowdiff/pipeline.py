@@ -14,7 +14,6 @@ engine. ``lowdiff.load(path, engine="onnxruntime")`` serves a checkpoint of your
 from __future__ import annotations
 
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -24,11 +23,8 @@ from PIL import Image
 from lowdiff.engines import CascadeEngine, load_engine
 from lowdiff.errors import CheckpointError
 from lowdiff.imaging import to_pil
-from lowdiff.model import load_model
+from lowdiff.model import EMBEDDED_MODELS, load_model, resolve_checkpoint
 from lowdiff.requests import check_class_labels, check_seeds
-
-# Models whose trained weights ship inside the package (lowdiff/weights/).
-EMBEDDED = {"fashion32": "fashion32.pt", "edm-fashion32": "edm-fashion32.pt"}
 
 
 class Pipeline:
@@ -73,15 +69,13 @@ def load(
     engine_dir: str | Path | None = None,
     threads: int | None = None,
 ) -> Pipeline:
-    """``model``: the name of an embedded model (``"fashion32"``, the default, or ``"edm-fashion32"``) or
-    the path of a LowDiff checkpoint. ``engine``/``device``/``precision``/``engine_dir`` as for
-    ``lowdiff serve``."""
-    if model is None or str(model) in EMBEDDED:
-        path = Path(str(resources.files("lowdiff") / "weights" / EMBEDDED[str(model or "fashion32")]))
-    else:
-        path = Path(model)
-        if not path.is_file():
-            raise CheckpointError(
-                f"{model!r} is neither an embedded model ({', '.join(EMBEDDED)}) nor a checkpoint file", "model"
-            )
+    """``model``: the name of an embedded model (``"fashion32"``, the default, ``"edm-fashion32"``,
+    ``"fashion32-latent"``, …: :data:`lowdiff.model.EMBEDDED_MODELS`) or the path of a LowDiff checkpoint.
+    ``engine``/``device``/``precision``/``engine_dir`` as for ``lowdiff serve``."""
+    path = resolve_checkpoint(model)
+    if not path.is_file():
+        raise CheckpointError(
+            f"{str(model)!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) nor a checkpoint file",
+            "model",
+        )
     return Pipeline(load_engine(load_model(path), engine, device, precision, engine_dir=engine_dir, threads=threads))

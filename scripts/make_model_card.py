@@ -3,8 +3,9 @@
     .venv/bin/python scripts/make_model_card.py --data ../shared/data/fashion-mnist-70k.npz \
         [--checkpoint lowdiff/weights/fashion32.pt] [--num-samples 10000] --out lowdiff/weights
 
-Writes ``fashion32-grid.png`` (10×10, one row per class, seeds 0…99) and ``fashion32-eval.json``
-(class agreement, FD, their ceiling and floor, sampling speed). The card's prose is by hand.
+Writes ``NAME-grid.png`` (10×10, one row per class, seeds 0…99) and ``NAME-eval.json`` (class
+agreement, FD, their ceiling and floor, sampling speed), NAME being the checkpoint's config name
+(``fashion32``, ``fashion32-latent``, …). The card's prose is by hand.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def main() -> None:
     model.generate([0], [0])
     one_image_s = time.perf_counter() - start
 
-    net = model.config.network
-    train, held, _, held_labels = load_split(args.data, 1000, model.config.pad, net.img_resolution, net.img_channels)
+    # The pipeline's images: decoded pixels for a latent model (fashion32-latent), not its latent grid.
+    side, channels = model.config.image_resolution, model.config.image_channels
+    train, held, _, held_labels = load_split(args.data, 1000, model.config.pad, side, channels)
     report = evaluate(model.generate, Classifier.load(), held, held_labels, args.num_samples, training=train)
     result = {
         "model": stem,

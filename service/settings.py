@@ -70,7 +70,11 @@ class ServeSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="forbid")
 
-    checkpoint: Path | None = Field(None, description="model checkpoint (default: the embedded fashion32 model)")
+    checkpoint: Path | None = Field(
+        None,
+        description="a checkpoint file (.pt, .safetensors, EDM .pkl) or an embedded model's name: fashion32 (the "
+        "default), edm-fashion32, fashion32-latent, fashion32-latent-baseline",
+    )
     config: str | None = Field(
         None, description="serve a built-in config with random, untrained weights (testing and load tests only)"
     )

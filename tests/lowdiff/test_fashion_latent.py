@@ -136,6 +136,22 @@ def test_serve_answers_with_32_pixel_grey_images(pipeline: dict[str, Path], live
     np.testing.assert_array_equal(pixels, model.generate([9], [4])[0, 0].numpy())
 
 
+def test_eval_scores_the_decoded_images_of_a_latent_model(
+    pipeline: dict[str, Path], lowdiff_cli, tmp_path: Path
+) -> None:
+    """`lowdiff eval` scores what the pipeline returns (1×32² pixels) with the 1×32² Fashion classifier,
+    not the 4×8² latent grid (which the classifier would refuse)."""
+    out = tmp_path / "eval.json"
+    r = lowdiff_cli("eval", "--checkpoint", str(pipeline["final"]), "--reference", str(pipeline["data"]),
+                    "--holdout-per-class", "1", "--num-samples", "10", "--batch-size", "5", "--threads", "1",
+                    "--json", str(out), "--quiet")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    assert report["model"] == "tiny-fashion-latent" and report["num_samples"] == 10
+    assert report["nfe"] == [2, 3] and 0.0 <= report["class_agreement"] <= 1.0
+    assert np.isfinite(report["fd"]) and report["fd"] > 0
+
+
 def test_autoencoder_training_resumes_exactly(pipeline: dict[str, Path], lowdiff_cli, tmp_path: Path) -> None:
     def run(run_dir: Path, kimg: str, *extra: str):
         return lowdiff_cli("train-autoencoder", "--config", str(pipeline["config"]), "--data", str(pipeline["data"]),

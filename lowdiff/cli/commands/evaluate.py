@@ -26,7 +26,12 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "eval", help="class agreement and Fréchet distance of generated images", formatter_class=HelpFormatter
     )
-    p.add_argument("--checkpoint", type=Path, default=None, help="a LowDiff checkpoint (default: the embedded model)")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="a LowDiff checkpoint or an embedded model's name (fashion32, the default; fashion32-latent; …)",
+    )
     p.add_argument("--reference", type=Path, required=True, help="real images: .npz, image folder or CIFAR-10 tarball")
     p.add_argument(
         "--holdout-per-class",
@@ -96,18 +101,19 @@ def run(args: argparse.Namespace) -> None:
             raise ConfigError(f"{args.schedule}: {exc}", "schedule") from None
         model = model.with_schedule(schedule)
     classifier = Classifier.load(args.classifier)
-    net = model.config.network
-    if (classifier.channels, classifier.resolution) != (net.img_channels, net.img_resolution) or (
+    # The images the pipeline returns: decoded pixels for a latent model, not its latent grid.
+    side, channels = model.config.image_resolution, model.config.image_channels
+    if (classifier.channels, classifier.resolution) != (channels, side) or (
         model.config.conditional and classifier.num_classes != model.config.num_classes
     ):
         raise LowDiffError(
             f"it takes {classifier.channels}×{classifier.resolution}² images of {classifier.num_classes} classes; "
-            f"the model makes {net.img_channels}×{net.img_resolution}² images of {model.config.num_classes} "
+            f"the model makes {channels}×{side}² images of {model.config.num_classes} "
             "classes (train one with `lowdiff train-classifier`)",
             "classifier",
         )
     train, held, _, held_labels = _reference_split(
-        args.reference, args.holdout_per_class, model.config.pad, net.img_resolution, net.img_channels
+        args.reference, args.holdout_per_class, model.config.pad, side, channels
     )
     report = evaluate(
         model.generate,

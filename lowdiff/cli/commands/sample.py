@@ -18,7 +18,12 @@ def register(sub: Any) -> None:
     p.add_argument("--class-label", type=nonnegative_int, default=None, help="class index (conditional models)")
     p.add_argument("--seed", type=seed, default=0, help="first seed; image k uses seed + k")
     p.add_argument("--num-images", type=positive_int, default=1, help="how many images")
-    p.add_argument("--checkpoint", type=Path, default=None, help="a LowDiff checkpoint (default: the embedded model)")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="a LowDiff checkpoint or an embedded model's name (fashion32, the default; fashion32-latent; …)",
+    )
     add_threads(p)
     p.add_argument("--out-dir", type=Path, required=True, help="folder for class{C}_seed{S}.png files")
     p.set_defaults(func=run)
