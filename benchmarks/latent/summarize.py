@@ -56,7 +56,10 @@ def main() -> None:
         for eng, m in speed.items()
         if LATENT in m and BASELINE in m
     }
+    floor_path = HERE / "ae-floor.json"
+    floor = json.loads(floor_path.read_text()) if floor_path.is_file() else None
     result = {
+        "autoencoder_floor": floor,
         "seeds": f"0…{n - 1}",
         "machine": bench[0]["device"],
         "threads": bench[0]["threads"],
@@ -83,6 +86,12 @@ def main() -> None:
         )
     lines += ["", "Latent cascade ÷ latent baseline throughput, same run: "
               + ", ".join(f"{k} {v:.2f}×" for k, v in ratios.items())]  # fmt: skip
+    if floor:
+        lines.append(
+            f"FD of {floor['num_images']:,} training images as they are: {floor['fd_real_training_images']:.2f}; "
+            f"through the autoencoder (encode → decode): {floor['fd_reconstructed_training_images']:.2f}, the "
+            "floor of any model that generates through this decoder."
+        )
     (HERE / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -45,3 +45,21 @@ def test_bad_input_names_what_is_wrong(tmp_path: Path) -> None:
         pipe.generate(class_labels=[10], seeds=[0])
     with pytest.raises(CheckpointError, match="neither an embedded model"):
         lowdiff.load(tmp_path / "missing.pt")
+
+
+def test_every_embedded_model_loads_by_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each name in EMBEDDED_MODELS is a packaged file holding the config of that name; a file of the same
+    name in the working directory wins over the packaged one (a path is a path)."""
+    from lowdiff.model import EMBEDDED_MODELS, load_model, resolve_checkpoint
+
+    for name in EMBEDDED_MODELS:
+        path = resolve_checkpoint(name)
+        assert path.is_file() and path.parent.name == "weights", (name, path)
+        assert load_model(name).config.name == name
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fashion32-latent").write_bytes(b"not a checkpoint")
+    assert resolve_checkpoint("fashion32-latent") == Path("fashion32-latent")
+    with pytest.raises(CheckpointError, match="not a readable LowDiff checkpoint"):
+        load_model("fashion32-latent")
+    with pytest.raises(CheckpointError, match="embedded models: fashion32, edm-fashion32"):
+        load_model(tmp_path / "missing.pt")
