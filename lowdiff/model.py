@@ -48,8 +48,13 @@ EMBEDDED_MODELS = {
 }
 
 
+def embedded_checkpoint_path(name: str) -> Path:
+    """The packaged file of an embedded model (a name in :data:`EMBEDDED_MODELS`)."""
+    return Path(str(resources.files("lowdiff") / "weights" / EMBEDDED_MODELS[name]))
+
+
 def default_checkpoint_path() -> Path:
-    return Path(str(resources.files("lowdiff") / "weights" / DEFAULT_CHECKPOINT_NAME))
+    return embedded_checkpoint_path("fashion32")
 
 
 def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
@@ -59,7 +64,7 @@ def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
         return default_checkpoint_path()
     path = Path(checkpoint)
     if not path.exists() and str(checkpoint) in EMBEDDED_MODELS:
-        return Path(str(resources.files("lowdiff") / "weights" / EMBEDDED_MODELS[str(checkpoint)]))
+        return embedded_checkpoint_path(str(checkpoint))
     return path
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lowdiff.autoencoder_training import load_autoencoder
+from lowdiff.autoencoder_training import load_autoencoder, posterior_means
 from lowdiff.data import load_split
 from lowdiff.evaluation import Classifier, classify, frechet_distance, uint8_to_unit
 from lowdiff.sampler import to_uint8
@@ -33,14 +33,14 @@ def main() -> None:
     args = parser.parse_args()
 
     source = load_autoencoder(args.autoencoder)
-    ae = source.autoencoder.eval()
+    ae = source.autoencoder
     train, held, _, _ = load_split(args.data, 1000, source.pad, source.image_resolution, 1)
     picked = train[:: len(train) // args.num][: args.num]
     classifier = Classifier.load()
     _, held_feats = classify(classifier, held)
     real = to_uint8(picked)
     with torch.no_grad():
-        recon = torch.cat([to_uint8(ae.decode(ae.encode_moments(b)[0])) for b in picked.split(256)])
+        recon = torch.cat([to_uint8(ae.decode(z)) for z in posterior_means(ae, picked).split(256)])
     _, real_feats = classify(classifier, uint8_to_unit(real))
     _, recon_feats = classify(classifier, uint8_to_unit(recon))
     result = {
