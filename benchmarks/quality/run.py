@@ -45,6 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from engines.torch_eager import resolve_device, torch_runners  # noqa: E402
 from lowdiff.bench.machine import cpu_description  # noqa: E402
 from lowdiff.bench.measure import prepare, run_interleaved  # noqa: E402
 from lowdiff.bench.plots import headless_pyplot  # noqa: E402
@@ -57,7 +58,8 @@ from lowdiff.evaluation import Classifier, classify_with_progress, frechet_dista
 from lowdiff.imaging import save_png, tile  # noqa: E402
 from lowdiff.model import LowDiffModel  # noqa: E402
 from lowdiff.progress import Progress  # noqa: E402
-from lowdiff.sampler import initial_noise  # noqa: E402
+from lowdiff.requests import labels_tensor  # noqa: E402
+from lowdiff.sampler import generate_images, initial_noise  # noqa: E402
 from lowdiff.schedule import CascadeSchedule, StageSchedule  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -163,28 +165,34 @@ def cached_samples(
     chunk: int = 640,
     log: TextIO | None = sys.stderr,
     seed0: int = 0,
+    device: str = "cpu",
+    batch: int = 64,
 ) -> np.ndarray:
-    """uint8 [count, C, R, R] for seeds seed0…seed0+count−1 (image i has class i mod K; batches of 64),
-    cached in ``cache``.
+    """uint8 [count, C, R, R] for seeds seed0…seed0+count−1 (image i has class i mod K; batches of
+    ``batch``), cached in ``cache``.
 
     Image i depends only on (class, seed), so a cache is extended by generating just the missing
-    seeds; it is saved every ``chunk`` images, so an interrupted run loses at most one chunk."""
+    seeds; it is saved every ``chunk`` images, so an interrupted run loses at most one chunk. The
+    stage function is eager PyTorch fp32 on ``device`` (:func:`engines.torch_eager.torch_runners`); on
+    CUDA, TF32 is switched off by the caller (:func:`fp32_on_device`): so run, the H100 matched the CPU
+    reference to 0 levels (benchmarks/gpu/), and batch size only reorders float sums (≤ 1 level)."""
     path = cache / cache_name(point, model, seed0)
     images = np.load(path)["images"] if path.is_file() else None
     done = 0 if images is None else len(images)
     if done >= count:
         return images[:count]
     progress = Progress(count, f"[{point.name}] {point.note}", "img", stream=log, initial=done)
-    runnable = model.with_schedule(point.schedule)
+    runners = torch_runners(model, device, "fp32")
     classes = max(model.config.num_classes, 1)
+    channels = model.config.network.img_channels
     for begin in range(done, count, chunk):
         end = min(begin + chunk, count)
         batches = []
-        for first in range(begin, end, 64):
-            index = list(range(first, min(first + 64, end)))
+        for first in range(begin, end, batch):
+            index = list(range(first, min(first + batch, end)))
             seeds = [seed0 + i for i in index]
-            labels = [i % classes for i in index] if model.config.conditional else None
-            batches.append(runnable.generate(seeds, labels).numpy())
+            labels = labels_tensor([i % classes for i in index]) if model.config.conditional else None
+            batches.append(generate_images(point.schedule, runners, seeds, labels, channels).cpu().numpy())
             progress.update(len(seeds))
         images = np.concatenate(batches if images is None else [images, *batches])
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
@@ -193,6 +201,14 @@ def cached_samples(
     progress.close()
     assert images is not None
     return images
+
+
+def fp32_on_device(device: str) -> None:
+    """Full fp32 on CUDA: PyTorch lets cuDNN convolutions use TF32 by default (1 level off the CPU
+    reference on the H100, 0 without it)."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def class_rows_grid(images: np.ndarray, num_classes: int, cols: int = 10) -> torch.Tensor:
@@ -391,7 +407,8 @@ def write_plot(report: dict[str, Any], path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True, help="the Fashion-MNIST .npz (held-out split = reference)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="the Fashion-MNIST .npz (held-out split = reference; not for --samples-only)")  # fmt: skip
     parser.add_argument("--holdout-per-class", type=int, default=1000)
     parser.add_argument("--lowdiff", type=Path, default=ROOT / "lowdiff/weights/fashion32.pt")
     parser.add_argument("--edm", type=Path, default=ROOT / "lowdiff/weights/edm-fashion32.pt")
@@ -400,6 +417,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep-samples", type=int, default=2000, help="images per sweep point")
     parser.add_argument("--points", default="*", help="comma-separated name patterns (default: all)")
     parser.add_argument("--samples-only", action="store_true", help="only fill the sample cache (run in parallel)")
+    parser.add_argument("--device", default="cpu", help="where samples are made: cpu or cuda (fp32, TF32 off)")
+    parser.add_argument("--sample-batch", type=int, default=64, help="images per sampling batch")
     parser.add_argument("--rounds", type=int, default=3, help="timed batches per point")
     parser.add_argument("--batch", type=int, default=64, help="images per timed batch")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -416,8 +435,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if min(args.num_samples, args.sweep_samples, args.rounds, args.batch) < 1:
-        parser.error("--num-samples, --sweep-samples, --rounds and --batch must be positive")
+    if min(args.num_samples, args.sweep_samples, args.rounds, args.batch, args.sample_batch) < 1:
+        parser.error("--num-samples, --sweep-samples, --rounds, --batch and --sample-batch must be positive")
+    if args.data is None and not args.samples_only:
+        parser.error("--data is required (except with --samples-only)")
+    try:
+        resolve_device(args.device)
+    except LowDiffError as exc:
+        parser.error(f"--device: {exc}")
+    fp32_on_device(args.device)
     if args.sweep_samples > args.num_samples:
         parser.error("--sweep-samples must not exceed --num-samples")
 
@@ -468,12 +494,6 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--classifier: it takes {classifier.channels}×{classifier.resolution}² images of "
                      f"{classifier.num_classes} classes; the models make {net.img_channels}×{net.img_resolution}² "
                      f"images of {any_model.config.num_classes} classes")  # fmt: skip
-    try:
-        train, held, _, held_labels = load_split(
-            args.data, args.holdout_per_class, any_model.config.pad, net.img_resolution, net.img_channels
-        )
-    except LowDiffError as exc:
-        parser.error(f"--data: {exc}")
     args.cache.mkdir(parents=True, exist_ok=True)
     log = None if args.quiet else sys.stderr
     samples = {
@@ -484,11 +504,19 @@ def main(argv: list[str] | None = None) -> None:
             args.cache,
             log=log,
             seed0=args.seed_offset,
+            device=args.device,
+            batch=args.sample_batch,
         )
         for p in points
     }
     if args.samples_only:
         return
+    try:
+        train, held, _, held_labels = load_split(
+            args.data, args.holdout_per_class, any_model.config.pad, net.img_resolution, net.img_channels
+        )
+    except LowDiffError as exc:
+        parser.error(f"--data: {exc}")
 
     ref_preds, ref_feats = classify_with_progress(classifier, held, "scoring held-out reference", log)
     generator = torch.Generator().manual_seed(0)
