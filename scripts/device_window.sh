@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # One device window's work, as sent to the GPU machine (15 minutes of device time, start-up included).
 #
-#   bash scripts/device_window.sh OUT_DIR [GPU_CHECK_STEPS] [GPU_CHECK_DEADLINE_S] [QUALITY_DEADLINE_S]
+#   bash scripts/device_window.sh OUT_DIR [GPU_CHECK_STEPS] [GPU_CHECK_DEADLINE_S] [QUALITY_DEADLINE_S] \
+#        ['NAME|run.py arguments' …]
 #
 # 1. scripts/gpu_check.py for the named steps (default: the headline bench re-timed with NCHW, issue 14's
 #    scheduler-overlap, issue 18's dit-ratio), packed into OUT_DIR/gpu-check.tar.gz;
 # 2. issue 17's missing quality samples made on the GPU in fp32 with TF32 off (benchmarks/quality/run.py
 #    --samples-only --device cuda), three groups in order of worth, each packed into its own
-#    OUT_DIR/quality-<group>.tar.gz as soon as it is done (the device returns at most 8 files of 16 MiB).
+#    OUT_DIR/quality-<group>.tar.gz as soon as it is done (the device returns at most 8 files of 16 MiB);
+#    groups given after the deadlines replace the default three.
 #    Scoring and timing stay on the CPU (the study's throughput is the CPU's); the first 2,000 seeds of
 #    each GPU point that the CPU cache also holds are compared level by level before any is used.
 # Without CUDA it runs nothing of step 2 but says so (gpu_check.py does the same for step 1).
+# Wheels in .whl/ (scripts/device_wheels.sh; carry it) are installed first into /tmp/site.
 set -u -o pipefail
 out=${1:?usage: device_window.sh OUT_DIR [STEPS] [GPU_CHECK_DEADLINE_S] [QUALITY_DEADLINE_S]}
 steps=${2:-environment,bench-base,scheduler-overlap,dit-ratio}
@@ -20,6 +23,10 @@ py=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
+if compgen -G ".whl/*.whl" > /dev/null; then
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 
 if [ -n "$steps" ] && [ "$steps" != none ]; then
   $py scripts/gpu_check.py --out /tmp/gpu-check --tar "$out/gpu-check.tar.gz" --only "$steps" \
@@ -38,6 +45,9 @@ groups=(
   "sweep|--points lowdiff-trunc*,lowdiff-32steps*,lowdiff-8x1,lowdiff-late,edm-31,edm-25,edm-21,edm-17"
   "confirm|--points edm-*,lowdiff-paper,lowdiff-8x1-late16 --num-samples 2000 --seed-offset 1000000"
 )
+if [ $# -gt 4 ]; then
+  groups=("${@:5}")
+fi
 set -f  # the point patterns are not file names
 for g in "${groups[@]}"; do
   name=${g%%|*}

@@ -157,6 +157,7 @@ class Plan:
     # checkpoint; "kind:precision" engines; cudagraph's batch buckets; max batch; requests kept
     # outstanding; seconds before and of the measured window)
     overlap_model: str
+    overlap_compare: str  # its one-stage baseline, measured the same way with whole-cascade batches
     overlap_engines: list[str]
     overlap_buckets: tuple[int, ...]
     overlap_max_batch: int
@@ -221,7 +222,10 @@ def gpu_plan() -> Plan:
         dit_batch=64,
         dit_runs=3,
         overlap_model="cifar10-cond",
-        overlap_engines=["cudagraph:bf16"],
+        overlap_compare="edm-cifar10-cond",
+        # "@b1,b2": that engine's cudagraph buckets instead of overlap_buckets. With bucket 64 alone the lower
+        # stages' batches of 512 / 256 run as 8 / 4 replays of 64 (H200, session 8: staged 0.997× cascade)
+        overlap_engines=["cudagraph:bf16", "cudagraph:bf16@64,256,512"],
         overlap_buckets=(64,),  # a saturated run's calls are 64 images or multiples; 3 captures, not 21
         overlap_max_batch=64,
         overlap_outstanding=256,
@@ -245,7 +249,9 @@ def gpu_plan() -> Plan:
             "dit-ratio": (55, 130),
             # not yet run on a GPU: start, cifar10-cond built, 3 graph captures (bucket 64), then 3 schedulers
             # × (1.5 s warm + 3.5 s window) and their shutdowns
-            "scheduler-overlap": (26, 75),
+            # session 8, H200: 24 s for 1 engine × 3 schedulers; now 2 engines (one with 9 captures) × 4
+            # schedulers and the baseline's cascade run
+            "scheduler-overlap": (75, 140),
             "compile-gate": (90, 120),
             "saturation-cudagraph": (70, 110),
             "bench-all": (240, 300),
@@ -309,6 +315,7 @@ def dry_run_plan(out: Path) -> Plan:
         dit_batch=2,
         dit_runs=1,
         overlap_model=lowdiff,
+        overlap_compare=edm,
         overlap_engines=["torch:fp32"],
         overlap_buckets=(1, 2),
         overlap_max_batch=2,
@@ -749,7 +756,8 @@ def dit_ratio_line(summary: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------- the scheduler-overlap worker
-OVERLAP_SCHEDULERS = ("cascade", "staged", "staged+overlap")
+# staged+overlap+prio: the last lane's CUDA stream at high priority (StagedBatcher's last_lane_priority)
+OVERLAP_SCHEDULERS = ("cascade", "staged", "staged+overlap", "staged+overlap+prio")
 
 
 def overlap_worker(out: Path, plan: Plan) -> None:
@@ -776,8 +784,23 @@ def overlap_worker(out: Path, plan: Plan) -> None:
 
     folder = out / "scheduler-overlap"
     folder.mkdir(parents=True, exist_ok=True)
-    spec = plan.overlap_model
-    model = load_model(spec, None) if spec.endswith(".pt") else load_model(None, spec)
+
+    def load(spec: str) -> Any:
+        return load_model(spec, None) if spec.endswith(".pt") else load_model(None, spec)
+
+    def build(model: Any, engine_spec: str) -> tuple[Any, tuple[int, ...] | None]:
+        """The engine of ``engine_spec`` ("kind:precision[@buckets]") and its cudagraph buckets."""
+        kind_precision, _, bucket_text = engine_spec.partition("@")
+        kind, _, precision = kind_precision.partition(":")
+        if kind != "cudagraph":
+            return load_engine(model, kind, plan.device, precision), None
+        from lowdiff.engines.cudagraph import cudagraph_runners
+
+        buckets = tuple(int(b) for b in bucket_text.split(",")) if bucket_text else plan.overlap_buckets
+        runners = cudagraph_runners(model, plan.device, precision, buckets=buckets)
+        return CascadeEngine(model, runners, kind, plan.device, precision), buckets
+
+    model = load(plan.overlap_model)
     resolutions = tuple(model.config.resolutions)
     limits = default_stage_limits(resolutions, plan.overlap_max_batch)
     classes = max(1, model.config.num_classes)
@@ -790,8 +813,8 @@ def overlap_worker(out: Path, plan: Plan) -> None:
             batcher: Any = Batcher(engine, executors[0], metrics, plan.overlap_max_batch, 0.0, queue)
         else:
             batcher = StagedBatcher(engine, executors[0], metrics, resolutions, limits, 0.0, queue,
-                                    overlap=scheduler.endswith("overlap"), last_executor=executors[1],
-                                    device=plan.device)  # fmt: skip
+                                    overlap="+overlap" in scheduler, last_executor=executors[1],
+                                    device=plan.device, last_lane_priority=scheduler.endswith("+prio"))  # fmt: skip
         answered: list[float] = []  # ticket.last_end of every answer
         kept: dict[int, Any] = {}
         batcher.start()
@@ -833,21 +856,15 @@ def overlap_worker(out: Path, plan: Plan) -> None:
         }
 
     for engine_spec in plan.overlap_engines:
-        kind, _, precision = engine_spec.partition(":")
         entry: dict[str, Any] = {"engine": engine_spec, "model": model.config.name, "device": plan.device,
                                  "max_batch": plan.overlap_max_batch, "limits": {str(r): n for r, n in limits.items()},
                                  "outstanding": plan.overlap_outstanding, "warm_s": plan.overlap_warm_s,
                                  "window_s": plan.overlap_window_s}  # fmt: skip
         try:
             began = time.perf_counter()
-            if kind == "cudagraph":
-                from lowdiff.engines.cudagraph import cudagraph_runners
-
-                runners = cudagraph_runners(model, plan.device, precision, buckets=plan.overlap_buckets)
-                engine = CascadeEngine(model, runners, kind, plan.device, precision)
-                entry["buckets"] = list(plan.overlap_buckets)
-            else:
-                engine = load_engine(model, kind, plan.device, precision)
+            engine, buckets = build(model, engine_spec)
+            if buckets is not None:
+                entry["buckets"] = list(buckets)
             entry["load_s"] = time.perf_counter() - began
             results = []
             for scheduler in OVERLAP_SCHEDULERS:
@@ -874,6 +891,23 @@ def overlap_worker(out: Path, plan: Plan) -> None:
         print(json.dumps({k: v for k, v in entry.items() if k not in ("traceback", "results")}), flush=True)
         (folder / f"{file_stem(engine_spec)}.json").write_text(json.dumps(entry, indent=1) + "\n")
 
+    # The one-stage baseline on the first engine, whole-cascade batches (its only stage): the
+    # LowDiff/baseline ratio of each scheduler, same engine, same run.
+    engine_spec = plan.overlap_engines[0]
+    compare: dict[str, Any] = {"engine": engine_spec, "model": plan.overlap_compare}
+    try:
+        engine, _ = build(load(plan.overlap_compare), engine_spec)
+        result = asyncio.run(closed_loop(engine, "cascade"))
+        result.pop("images")
+        compare.update(result)
+    except Exception as exc:  # noqa: BLE001 -- recorded; the schedulers' results stand without it
+        compare["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        if plan.device == "cuda":
+            torch.cuda.empty_cache()
+    print(json.dumps(compare), flush=True)
+    (folder / "compare.json").write_text(json.dumps(compare, indent=1) + "\n")
+
 
 def collect_overlap(out: Path, plan: Plan) -> dict[str, Any]:
     """The engines measured so far → ``scheduler-overlap.json`` and ``.md`` in ``out``."""
@@ -882,7 +916,10 @@ def collect_overlap(out: Path, plan: Plan) -> dict[str, Any]:
         path = out / "scheduler-overlap" / f"{file_stem(spec)}.json"
         if path.exists():
             results.append(json.loads(path.read_text()))
-    report = {"device": plan.device, "model": plan.overlap_model, "results": results}
+    report: dict[str, Any] = {"device": plan.device, "model": plan.overlap_model, "results": results}
+    compare = out / "scheduler-overlap" / "compare.json"
+    if compare.exists():
+        report["compare"] = json.loads(compare.read_text())
     (out / "scheduler-overlap.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "scheduler-overlap.md").write_text(overlap_markdown(report))
     return report
@@ -896,7 +933,7 @@ def overlap_markdown(report: dict[str, Any]) -> str:
             continue
         for r in e["results"]:
             rate, ratio, levels = r["images_per_s"], r["vs_cascade"], r["max_levels_vs_cascade"]
-            both = r["both_lanes_busy_s"] / r["run_s"] if r["scheduler"].endswith("overlap") else None
+            both = r["both_lanes_busy_s"] / r["run_s"] if "+overlap" in r["scheduler"] else None
             rows.append([
                 e["engine"], r["scheduler"], "–" if rate is None else f"{rate:.1f}",
                 "–" if ratio is None else f"**{ratio:.3f}**", "–" if both is None else f"{100 * both:.0f} %",
@@ -910,8 +947,27 @@ def overlap_markdown(report: dict[str, Any]) -> str:
         f"{first.get('limits', '?')}, {first.get('outstanding', '?')} single-image requests outstanding, "
         f"{first.get('window_s', '?')} s measured after {first.get('warm_s', '?')} s. The issue's goal: staged + "
         "overlap ≥ 1.15× cascade.", "",
-        *md_table(rows, head),
+        *md_table(rows, head), "",
+        *overlap_compare_lines(report),
     ]) + "\n"  # fmt: skip
+
+
+def overlap_compare_lines(report: dict[str, Any]) -> list[str]:
+    """The baseline's saturated throughput and every scheduler's ratio to it (the issue's ≥ 1.55)."""
+    c = report.get("compare")
+    if not c:
+        return []
+    rate = c.get("images_per_s")
+    if not rate:
+        return [f"Baseline {c['model']} ({c['engine']}): not measured ({c.get('error', 'no batches in the window')})."]
+    ratios = [
+        f"{e['engine']} {r['scheduler']} **{r['images_per_s'] / rate:.3f}×**"
+        for e in report["results"]
+        for r in e.get("results", [])
+        if r.get("images_per_s")
+    ]
+    return [f"Baseline {c['model']} ({c['engine']}, whole-cascade batches, same loop): {rate:.1f} images/s. "
+            f"LowDiff / baseline: {'; '.join(ratios)} (the issue's goal: ≥ 1.55 with overlap)."]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- subprocess steps

@@ -126,9 +126,12 @@ class StagedBatcher(Batcher):
         overlap: bool = False,
         last_executor: Executor | None = None,
         device: str = "cpu",
+        last_lane_priority: bool = False,
     ):
         """With ``overlap`` the last stage runs in its own lane: on ``last_executor`` (default: a one-thread
-        pool this batcher owns), and on ``device`` 'cuda…' each lane on its own CUDA stream."""
+        pool this batcher owns), and on ``device`` 'cuda…' each lane on its own CUDA stream; with
+        ``last_lane_priority`` the last lane's stream has the higher priority, so that the lower lane's
+        kernels fill what the full-resolution stage leaves idle instead of delaying it."""
         super().__init__(engine, executor, metrics, limits[resolutions[-1]], max_delay_s, max_queue)
         self.stage_engine = engine
         self.resolutions = tuple(resolutions)
@@ -150,7 +153,8 @@ class StagedBatcher(Batcher):
                 last_executor = self._owned_executor = ThreadPoolExecutor(1, thread_name_prefix="lowdiff-engine-last")
             streams: list[Any] = [None, None]
             if device.startswith("cuda"):
-                streams = [torch.cuda.Stream(device=device), torch.cuda.Stream(device=device)]
+                high = -1 if last_lane_priority else 0  # CUDA: lower numbers run first
+                streams = [torch.cuda.Stream(device=device), torch.cuda.Stream(device=device, priority=high)]
             self._lanes = [
                 Lane("lower", executor, 0, last - 1, streams[0]),
                 Lane("last", last_executor, last, last, streams[1]),
