@@ -260,6 +260,7 @@ def load_engine(
     engine_dir: str | Path | None = None,
     threads: int | None = None,
     warmup: bool = False,
+    stage_limits: Mapping[int, int] | None = None,
 ) -> CascadeEngine:
     """Bind ``model`` to runtime ``kind``; a runtime this machine lacks raises :class:`EngineUnavailable`.
 
@@ -268,6 +269,9 @@ def load_engine(
     (TensorRT engines take minutes to build, so ``tensorrt`` needs a prebuilt folder). ``threads``
     sets ONNX Runtime's intra-op threads (default: torch's). With ``warmup`` the engine
     runs one batch-1 cascade before it is returned, so the first real request pays no set-up cost.
+    ``stage_limits`` (resolution → most images per call, the staged scheduler's limits) sizes the
+    ``cudagraph`` engine's batch buckets per stage (:func:`lowdiff.engines.cudagraph.bucket_ladder`); the
+    other engines take any batch and ignore it.
     Every refusal is a :class:`lowdiff.errors.LowDiffError` naming the option concerned.
     """
     if model.config.latent and kind in ENGINE_KINDS and kind not in LATENT_ENGINES:
@@ -286,7 +290,7 @@ def load_engine(
     elif kind == "cudagraph":
         from lowdiff.engines.cudagraph import cudagraph_runners
 
-        runners = cudagraph_runners(model, device, precision)
+        runners = cudagraph_runners(model, device, precision, stage_limits=stage_limits)
     elif kind == "onnxruntime":
         from lowdiff.engines.onnxruntime_engine import onnxruntime_decoder, onnxruntime_runners, providers_for
 

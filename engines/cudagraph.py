@@ -23,7 +23,7 @@ stay allocated as long as the graph lives (see ``_Captured``). On a CPU-only mac
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,21 @@ from lowdiff.sampler import StageRunner, heun_stage
 from lowdiff.schedule import StageSchedule
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def bucket_ladder(limit: int) -> tuple[int, ...]:
+    """Powers of two from 1 up to the first that holds ``limit`` images: the buckets of a stage whose
+    calls take at most ``limit`` (the staged scheduler's per-stage limit, e.g. 8×8: 512).
+
+    Why: with the default ladder (≤ 64) a 512-image 8×8 call runs as 8 replays of 64, each paying the
+    small stage's fixed cost again; on an H200 (benchmarks/gpu/ run 4) the staged scheduler then served
+    0.997× the whole-cascade batcher's images, i.e. its larger low-resolution calls bought nothing."""
+    if limit < 1:
+        raise ValueError(f"a stage's batch limit is at least 1, got {limit}")
+    ladder = [1]
+    while ladder[-1] < limit:
+        ladder.append(ladder[-1] * 2)
+    return tuple(ladder)
 
 
 def bucket_for(batch: int, buckets: tuple[int, ...]) -> int:
@@ -200,8 +215,11 @@ def cudagraph_runners(
     buckets: tuple[int, ...] = DEFAULT_BUCKETS,
     capture: bool = True,
     transform: Callable[[Denoiser], Any] | None = None,
+    stage_limits: Mapping[int, int] | None = None,
 ) -> dict[int, StageRunner]:
     """One graph-replaying runner per stage; with ``capture`` every (stage, bucket) is captured now.
+    ``stage_limits`` (resolution → the most images one call of that stage takes) replaces ``buckets``
+    for the stages it names with :func:`bucket_ladder` of their limit.
 
     ``transform`` replaces the denoiser that is captured (the ``compile`` engine passes
     ``torch.compile``): whatever it returns is called exactly like the denoiser."""
@@ -234,7 +252,9 @@ def cudagraph_runners(
             k > 0,
             dev,
             precision,
-            tuple(buckets),
+            bucket_ladder(stage_limits[stage.resolution])
+            if stage_limits and stage.resolution in stage_limits
+            else tuple(buckets),
             pool,
         )
         if capture:

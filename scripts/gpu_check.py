@@ -28,11 +28,14 @@ results are saved before the next starts:
     lightningdit-b1-imagenet256 (100 NFE + decode), random B/1 weights, ``torch:bf16``, batch 64, 3 runs
     each, round-robin: the cascade-vs-baseline ratio with and without the decode, beside the paper's 1.65×;
  9. ``scheduler-overlap`` (issue 14): saturated throughput of the service's batchers driven in-process
-    (no HTTP), cifar10-cond random weights, ``cudagraph:bf16`` (graphs for bucket 64 only), max batch 64,
-    256 single-image requests kept outstanding: whole-cascade batches vs ``--scheduler staged`` vs staged
-    with ``--stage-overlap on`` (each lane its own CUDA stream), images/s over a 3.5 s window, the share of
-    it both lanes ran at once, the same (class, seed)'s pixels across the three; the goal is ≥ 1.15×
-    cascade; ``scheduler-overlap.json|md``;
+    (no HTTP), cifar10-cond random weights, max batch 64, 256 single-image requests kept outstanding, on
+    ``cudagraph:bf16`` with graphs for bucket 64 only and again with each stage's buckets up to its staged
+    limit (8×8: 512, 16×16: 256, as ``lowdiff serve --scheduler staged`` captures them): whole-cascade
+    batches vs ``--scheduler staged`` vs staged with ``--stage-overlap on`` (each lane its own CUDA stream)
+    vs the same with the last lane's stream at high priority; images/s over a 3.5 s window, the share of
+    it both lanes ran at once, the same (class, seed)'s pixels across them; then edm-cifar10-cond's
+    whole-cascade batches in the same loop for the LowDiff/EDM ratio; goals ≥ 1.15× cascade and ≥ 1.55×
+    EDM; ``scheduler-overlap.json|md``;
 10. ``compile-gate``: the ``compile`` engine's parity and determinism (fp32), as step 2. It is the first
     time torch.compile runs on the GPU: if it fails or runs out of time, the compile steps below are
     skipped with its reason (and step 12 does not lose the others' results to it);
@@ -223,9 +226,11 @@ def gpu_plan() -> Plan:
         dit_runs=3,
         overlap_model="cifar10-cond",
         overlap_compare="edm-cifar10-cond",
-        # "@b1,b2": that engine's cudagraph buckets instead of overlap_buckets. With bucket 64 alone the lower
-        # stages' batches of 512 / 256 run as 8 / 4 replays of 64 (H200, session 8: staged 0.997× cascade)
-        overlap_engines=["cudagraph:bf16", "cudagraph:bf16@64,256,512"],
+        # "@b1,b2": that engine's cudagraph buckets instead of overlap_buckets; "@staged": each stage's
+        # buckets up to its staged limit, as `lowdiff serve --scheduler staged` captures them. With bucket
+        # 64 alone the lower stages' calls of 512 / 256 run as 8 / 4 replays of 64 (H200, session 8:
+        # staged 0.997× cascade)
+        overlap_engines=["cudagraph:bf16", "cudagraph:bf16@staged"],
         overlap_buckets=(64,),  # a saturated run's calls are 64 images or multiples; 3 captures, not 21
         overlap_max_batch=64,
         overlap_outstanding=256,
@@ -796,6 +801,9 @@ def overlap_worker(out: Path, plan: Plan) -> None:
             return load_engine(model, kind, plan.device, precision), None
         from lowdiff.engines.cudagraph import cudagraph_runners
 
+        if bucket_text == "staged":
+            runners = cudagraph_runners(model, plan.device, precision, stage_limits=limits)
+            return CascadeEngine(model, runners, kind, plan.device, precision), tuple(limits.values())
         buckets = tuple(int(b) for b in bucket_text.split(",")) if bucket_text else plan.overlap_buckets
         runners = cudagraph_runners(model, plan.device, precision, buckets=buckets)
         return CascadeEngine(model, runners, kind, plan.device, precision), buckets

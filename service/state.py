@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from typing import Any
@@ -130,17 +131,7 @@ class Service:
             return Batcher(engine, self.executor, self.metrics, s.max_batch, s.max_delay_ms / 1000, s.max_queue)
         assert self.engine_info is not None
         resolutions = self.engine_info.resolutions
-        limits = default_stage_limits(resolutions, s.max_batch)
-        if s.max_batch_per_stage is not None:
-            given = parse_stage_limits(s.max_batch_per_stage)
-            unknown = sorted(set(given) - set(resolutions))
-            if unknown:
-                raise SettingsError(
-                    f"--max-batch-per-stage: no stage at resolution {unknown[0]} "
-                    f"(this model's stages: {', '.join(map(str, resolutions))})",
-                    "max_batch_per_stage",
-                )
-            limits.update(given)
+        limits = self._stage_limits(resolutions)
         if not all(hasattr(engine, name) for name in ("stage_noise", "run_stage", "denoised_preview")):
             raise SettingsError("--scheduler: this engine cannot run one stage at a time; use cascade", "scheduler")
         overlap = self._stage_overlap()
@@ -159,6 +150,23 @@ class Service:
             overlap=overlap,
             device=self.engine_info.device,
         )
+
+    def _stage_limits(self, resolutions: Sequence[int]) -> dict[int, int]:
+        """The staged scheduler's per-resolution call limits: the defaults, then ``--max-batch-per-stage``
+        (a resolution the model lacks is a SettingsError naming the flag)."""
+        s = self.settings
+        limits = default_stage_limits(resolutions, s.max_batch)
+        if s.max_batch_per_stage is not None:
+            given = parse_stage_limits(s.max_batch_per_stage)
+            unknown = sorted(set(given) - set(resolutions))
+            if unknown:
+                raise SettingsError(
+                    f"--max-batch-per-stage: no stage at resolution {unknown[0]} "
+                    f"(this model's stages: {', '.join(map(str, resolutions))})",
+                    "max_batch_per_stage",
+                )
+            limits.update(given)
+        return limits
 
     def _stage_overlap(self) -> bool:
         """``--stage-overlap`` against the loaded engine (its kind and device, which an engine passed in
@@ -187,8 +195,17 @@ class Service:
         s = self.settings
         if self.model is None:
             self.model = load_model(s.checkpoint, s.config)
+        # The staged scheduler's limits size the cudagraph engine's buckets per stage (8×8 calls of 512 are
+        # then one replay, not 8 of 64); the whole-cascade batcher's calls never exceed --max-batch.
+        limits = self._stage_limits(self.model.config.resolutions) if s.scheduler == "staged" else None
         return load_engine(
-            self.model, s.engine, s.device, s.precision, engine_dir=s.engine_dir, threads=s.threads or None
+            self.model,
+            s.engine,
+            s.device,
+            s.precision,
+            engine_dir=s.engine_dir,
+            threads=s.threads or None,
+            stage_limits=limits,
         )
 
     def info(self) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lowdiff.engines import load_engine
-from lowdiff.engines.cudagraph import bucket_for, cudagraph_runners
+from lowdiff.engines.cudagraph import bucket_for, bucket_ladder, cudagraph_runners
 from lowdiff.errors import EngineUnavailable
 from lowdiff.model import LowDiffModel
 
@@ -24,6 +24,15 @@ def test_cudagraph_without_gpu_is_a_clear_error(tiny_config) -> None:
 def test_batches_pad_to_the_next_bucket() -> None:
     buckets = (1, 2, 4, 8, 16, 32, 64)
     assert [bucket_for(b, buckets) for b in (1, 2, 3, 5, 9, 33, 64)] == [1, 2, 4, 8, 16, 64, 64]
+
+
+def test_a_stage_limit_gives_buckets_up_to_the_first_power_of_two_that_holds_it() -> None:
+    assert bucket_ladder(512) == (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+    assert bucket_ladder(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert bucket_ladder(100)[-2:] == (64, 128)
+    assert bucket_ladder(1) == (1,)
+    with pytest.raises(ValueError):
+        bucket_ladder(0)
 
 
 def test_cudagraph_capture_function_reproduces_the_shared_loop(tiny_config) -> None:

@@ -226,6 +226,19 @@ def test_stage_limits_parse_and_defaults() -> None:
         ServeSettings(max_batch_per_stage="16=-1").validate()
 
 
+def test_the_staged_limits_reach_the_engine_loader(tiny_fast_model, monkeypatch) -> None:
+    """The cudagraph engine sizes its buckets per stage from them; the whole-cascade batcher passes none."""
+    import lowdiff.engines
+    from lowdiff.service.state import Service
+
+    seen: list[object] = []
+    monkeypatch.setattr(lowdiff.engines, "load_engine", lambda *a, stage_limits=None, **k: seen.append(stage_limits))
+    model = tiny_fast_model()
+    Service(ServeSettings(scheduler="staged", max_batch=4, max_batch_per_stage="8=8"), model=model)._load_engine()
+    Service(ServeSettings(scheduler="cascade", max_batch=4), model=model)._load_engine()
+    assert seen == [{8: 8, 16: 16, 32: 4}, None]
+
+
 def test_staged_server_answers_and_reports_per_stage_metrics(tiny_fast_model, live_server, metric_value) -> None:
     settings = ServeSettings(scheduler="staged", max_batch=4, max_batch_per_stage="8=8")
     with live_server(create_app(settings, model=tiny_fast_model())) as srv, srv.wait_ready(120).client() as c:
