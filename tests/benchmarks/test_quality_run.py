@@ -39,6 +39,12 @@ def test_sweep_points_have_the_intended_nfe() -> None:
     assert nfe["lowdiff-late"] == (22, 17, 17) and nfe["lowdiff-late-32from10"] == (22, 17, 11)
     assert nfe["lowdiff-late-32n7from10"] == (22, 17, 13) and nfe["lowdiff-8x1-late16"] == (1, 17, 17)
     assert nfe["lowdiff-8x1-late16-32n7from10"] == (1, 17, 13)
+    assert nfe["lowdiff-c8n10t6-16n10t7"] == (12, 13, 17) and nfe["lowdiff-c8n8t5-16n8t6"] == (10, 11, 17)
+    assert nfe["lowdiff-c8n10t6-16n8t6"] == (12, 11, 17) and nfe["lowdiff-c8n10t6-16n10t7-32n8"] == (12, 13, 15)
+    # coarse grids hand off near the late schedule's σ with fewer low-resolution evaluations
+    late = points["lowdiff-late"].schedule.stages
+    coarse = points["lowdiff-c8n10t6-16n8t6"].schedule.stages
+    assert 0.5 < float(coarse[0].sigmas()[-1]) / float(late[0].sigmas()[-1]) < 1.0
     for name in ("lowdiff-late-32from10", "lowdiff-late-32n7from10", "lowdiff-8x1-late16-32n7from10"):
         assert points[name].schedule.stages[-1].sigma_max == 10.0
     # the one-evaluation 8×8 stage still hands off at the paper's σ
@@ -127,7 +133,7 @@ def test_quality_run_end_to_end_and_reuses_its_cache(
     def no_generation(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("regenerated cached samples")
 
-    monkeypatch.setattr(LowDiffModel, "generate", no_generation)
+    monkeypatch.setattr(quality, "generate_images", no_generation)
     try:
         quality.main([*args, "--samples-only"])
     finally:
@@ -161,9 +167,10 @@ def test_quality_run_rejects_bad_arguments_before_generating(
     assert not (tmp_path / "cache").exists()
 
 
-def _point(name: str, family: str, throughput: float, fd: float, cpu_s: float = 1.0) -> dict:
+def _point(name: str, family: str, throughput: float, fd: float, cpu_s: float = 1.0, gflops: float = 0.0) -> dict:
+    """A scored point; its counted GFLOP per image default to matching its measured speed (100 / images/s)."""
     return {"name": name, "family": family, "throughput_img_s": throughput, "cpu_s_mean": cpu_s,
-            "sweep": {"fd": fd, "class_agreement": 0.8}}  # fmt: skip
+            "gflops_per_image": gflops or 100.0 / throughput, "sweep": {"fd": fd, "class_agreement": 0.8}}  # fmt: skip
 
 
 def test_edm_curve_is_interpolated_at_equal_throughput_and_never_extrapolated() -> None:
@@ -185,10 +192,13 @@ def test_selection_takes_the_best_fd_at_the_target_speed() -> None:
         _point("edm-35", "EDM", 10.0, 50.0), _point("edm-15", "EDM", 20.0, 90.0),
         _point("lowdiff-a", "LowDiff", 16.0, 48.0),  # better than EDM-35 but only 1.6×… qualifies
         _point("lowdiff-b", "LowDiff", 15.5, 45.0),  # 1.55×, best FD among the fast ones: chosen
-        _point("lowdiff-c", "LowDiff", 12.0, 40.0),  # best FD overall, too slow (1.2×)
+        _point("lowdiff-c", "LowDiff", 12.0, 40.0, gflops=6.25),  # best FD, measured 1.2×, 1.6× by FLOPs
         _point("lowdiff-d", "LowDiff", 19.0, 70.0),  # fastest, worse than EDM-35
     ]  # fmt: skip
     selection = quality.compare_with_edm(points, "edm-35")
+    # the same rule on counted FLOPs (no load skews them) takes lowdiff-c
+    assert selection["candidates_by_flops"] == ["lowdiff-a", "lowdiff-b", "lowdiff-c", "lowdiff-d"]
+    assert selection["chosen_by_flops"] == "lowdiff-c" and selection["chosen_by_flops_beats_baseline"] is True
     assert selection["candidates"] == ["lowdiff-a", "lowdiff-b", "lowdiff-d"]
     assert selection["chosen"] == "lowdiff-b" and selection["chosen_beats_baseline"] is True
     assert selection["fastest_point_better_than_baseline"] == "lowdiff-a"
