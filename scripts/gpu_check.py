@@ -29,10 +29,10 @@ results are saved before the next starts:
     each, round-robin: the cascade-vs-baseline ratio with and without the decode, beside the paper's 1.65×;
  9. ``scheduler-overlap`` (issue 14): saturated throughput of the service's batchers driven in-process
     (no HTTP), cifar10-cond random weights, max batch 64, 256 single-image requests kept outstanding, on
-    ``cudagraph:bf16`` with graphs for bucket 64 only and again with each stage's buckets up to its staged
-    limit (8×8: 512, 16×16: 256, as ``lowdiff serve --scheduler staged`` captures them): whole-cascade
+    ``cudagraph:bf16`` with each stage's buckets up to its staged limit (8×8: 512, 16×16: 256, as
+    ``lowdiff serve --scheduler staged`` captures them; bucket 64 alone was run 4): whole-cascade
     batches vs ``--scheduler staged`` vs staged with ``--stage-overlap on`` (each lane its own CUDA stream)
-    vs the same with the last lane's stream at high priority; images/s over a 3.5 s window, the share of
+    vs the same with the last lane's stream at high priority; images/s over a 3 s window, the share of
     it both lanes ran at once, the same (class, seed)'s pixels across them; then edm-cifar10-cond's
     whole-cascade batches in the same loop for the LowDiff/EDM ratio; goals ≥ 1.15× cascade and ≥ 1.55×
     EDM; ``scheduler-overlap.json|md``;
@@ -230,12 +230,14 @@ def gpu_plan() -> Plan:
         # buckets up to its staged limit, as `lowdiff serve --scheduler staged` captures them. With bucket
         # 64 alone the lower stages' calls of 512 / 256 run as 8 / 4 replays of 64 (H200, session 8:
         # staged 0.997× cascade)
-        overlap_engines=["cudagraph:bf16", "cudagraph:bf16@staged"],
+        # Bucket 64 alone was measured in run 4 (cascade 141.8, staged 141.4, overlap 155.7 images/s);
+        # the whole-cascade batcher's calls (≤ 64) replay the same graphs in both.
+        overlap_engines=["cudagraph:bf16@staged"],
         overlap_buckets=(64,),  # a saturated run's calls are 64 images or multiples; 3 captures, not 21
         overlap_max_batch=64,
         overlap_outstanding=256,
         overlap_warm_s=1.5,
-        overlap_window_s=3.5,
+        overlap_window_s=3.0,
         # Expected seconds on one H100 (from the runs in benchmarks/gpu/: cudagraph loads 7–19 s, the
         # cifar10 bench 100 s for 4 targets, saturation 140 s for 4 levels + 2×5 bench runs) and limits.
         # The compile steps' times are unknown (first run of torch.compile on a GPU): inductor compiles
@@ -251,12 +253,10 @@ def gpu_plan() -> Plan:
             # B/1 at batch 64 with guidance: ~2–4 s a batch per target, 1 warm-up + 3 timed each, + the
             # random-weight DiT and VA-VAE decoder built on the GPU
             "train-throughput": (45, 100),
-            "dit-ratio": (55, 130),
-            # not yet run on a GPU: start, cifar10-cond built, 3 graph captures (bucket 64), then 3 schedulers
-            # × (1.5 s warm + 3.5 s window) and their shutdowns
-            # session 8, H200: 24 s for 1 engine × 3 schedulers; now 2 engines (one with 9 captures) × 4
-            # schedulers and the baseline's cascade run
-            "scheduler-overlap": (75, 140),
+            "dit-ratio": (42, 130),  # H200, run 4: 40 s
+            # H200, run 4: 24 s for 3 schedulers × 5 s with 3 captures; now 4 × 4.5 s, 26 captures (buckets
+            # up to each stage's limit) and the baseline's cascade run
+            "scheduler-overlap": (45, 120),
             "compile-gate": (90, 120),
             "saturation-cudagraph": (70, 110),
             "bench-all": (240, 300),
@@ -1127,7 +1127,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-dry-run", action="store_true", help="every step with tiny sizes on the CPU")
     p.add_argument("--dry-run-compile", action="store_true", help="keep torch.compile on in the dry run (slow)")
     p.add_argument("--tar", type=Path, default=None, help="also pack --out into this .tgz after every step")
-    p.add_argument("--deadline-s", type=float, default=555.0, help="time budget of the whole run")
+    # 9.5 min: run 4 (H200) started in ~40 s, which leaves a 15-minute window ~4.5 min for a rerun
+    p.add_argument("--deadline-s", type=float, default=570.0, help="time budget of the whole run")
     p.add_argument("--skip", default="", help="comma list of steps (or groups: cost, saturation, bench, compile)")
     p.add_argument("--only", default="", help="comma list of steps (or groups) to run, e.g. for a second run")
     p.add_argument("--inductor-cache", type=Path, default=Path(tempfile.gettempdir()) / "lowdiff-inductor-cache")
