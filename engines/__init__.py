@@ -269,7 +269,7 @@ def load_engine(
     (TensorRT engines take minutes to build, so ``tensorrt`` needs a prebuilt folder). ``threads``
     sets ONNX Runtime's intra-op threads (default: torch's). With ``warmup`` the engine
     runs one batch-1 cascade before it is returned, so the first real request pays no set-up cost.
-    ``stage_limits`` (resolution → most images per call, the staged scheduler's limits) sizes the
+    ``stage_limits`` (resolution → most images per call, as the service's scheduler makes them) sizes the
     ``cudagraph`` engine's batch buckets per stage (:func:`lowdiff.engines.cudagraph.bucket_ladder`); the
     other engines take any batch and ignore it.
     Every refusal is a :class:`lowdiff.errors.LowDiffError` naming the option concerned.

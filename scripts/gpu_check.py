@@ -226,12 +226,10 @@ def gpu_plan() -> Plan:
         dit_runs=3,
         overlap_model="cifar10-cond",
         overlap_compare="edm-cifar10-cond",
-        # "@b1,b2": that engine's cudagraph buckets instead of overlap_buckets; "@staged": each stage's
-        # buckets up to its staged limit, as `lowdiff serve --scheduler staged` captures them. With bucket
-        # 64 alone the lower stages' calls of 512 / 256 run as 8 / 4 replays of 64 (H200, session 8:
-        # staged 0.997× cascade)
-        # Bucket 64 alone was measured in run 4 (cascade 141.8, staged 141.4, overlap 155.7 images/s);
-        # the whole-cascade batcher's calls (≤ 64) replay the same graphs in both.
+        # "@staged": each stage's buckets up to its staged limit, as `lowdiff serve --scheduler staged`
+        # captures them (no suffix: overlap_buckets). Bucket 64 alone was run 4 (cascade 141.8, staged 141.4,
+        # overlap 155.7 images/s: a 512-image 8×8 call ran as 8 replays); the whole-cascade batcher's calls
+        # (≤ 64) replay the same graphs in both.
         overlap_engines=["cudagraph:bf16@staged"],
         overlap_buckets=(64,),  # a saturated run's calls are 64 images or multiples; 3 captures, not 21
         overlap_max_batch=64,
@@ -794,19 +792,18 @@ def overlap_worker(out: Path, plan: Plan) -> None:
         return load_model(spec, None) if spec.endswith(".pt") else load_model(None, spec)
 
     def build(model: Any, engine_spec: str) -> tuple[Any, tuple[int, ...] | None]:
-        """The engine of ``engine_spec`` ("kind:precision[@buckets]") and its cudagraph buckets."""
-        kind_precision, _, bucket_text = engine_spec.partition("@")
+        """The engine of ``engine_spec`` ("kind:precision[@staged]") and its largest cudagraph bucket per stage."""
+        kind_precision, _, suffix = engine_spec.partition("@")
         kind, _, precision = kind_precision.partition(":")
         if kind != "cudagraph":
             return load_engine(model, kind, plan.device, precision), None
         from lowdiff.engines.cudagraph import cudagraph_runners
 
-        if bucket_text == "staged":
-            runners = cudagraph_runners(model, plan.device, precision, stage_limits=limits)
-            return CascadeEngine(model, runners, kind, plan.device, precision), tuple(limits.values())
-        buckets = tuple(int(b) for b in bucket_text.split(",")) if bucket_text else plan.overlap_buckets
-        runners = cudagraph_runners(model, plan.device, precision, buckets=buckets)
-        return CascadeEngine(model, runners, kind, plan.device, precision), buckets
+        staged = suffix == "staged"
+        runners = cudagraph_runners(model, plan.device, precision, buckets=plan.overlap_buckets,
+                                    stage_limits=limits if staged else None)  # fmt: skip
+        largest = tuple(limits.values()) if staged else (plan.overlap_buckets[-1],) * len(limits)
+        return CascadeEngine(model, runners, kind, plan.device, precision), largest
 
     model = load(plan.overlap_model)
     resolutions = tuple(model.config.resolutions)
@@ -872,7 +869,7 @@ def overlap_worker(out: Path, plan: Plan) -> None:
             began = time.perf_counter()
             engine, buckets = build(model, engine_spec)
             if buckets is not None:
-                entry["buckets"] = list(buckets)
+                entry["largest_bucket_per_stage"] = list(buckets)
             entry["load_s"] = time.perf_counter() - began
             results = []
             for scheduler in OVERLAP_SCHEDULERS:

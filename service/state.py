@@ -195,9 +195,11 @@ class Service:
         s = self.settings
         if self.model is None:
             self.model = load_model(s.checkpoint, s.config)
-        # The staged scheduler's limits size the cudagraph engine's buckets per stage (8×8 calls of 512 are
-        # then one replay, not 8 of 64); the whole-cascade batcher's calls never exceed --max-batch.
-        limits = self._stage_limits(self.model.config.resolutions) if s.scheduler == "staged" else None
+        # The most images the scheduler puts in one call of each stage sizes the cudagraph engine's buckets
+        # (a staged 8×8 call of 512 is then one replay, not 8 of 64; a --max-batch above 64 is not split).
+        resolutions = self.model.config.resolutions
+        staged = s.scheduler == "staged"
+        limits = self._stage_limits(resolutions) if staged else dict.fromkeys(resolutions, s.max_batch)
         return load_engine(
             self.model,
             s.engine,

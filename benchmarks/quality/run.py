@@ -183,7 +183,7 @@ def weights_sha256(model: LowDiffModel) -> str:
     for name, tensor in model.denoiser.net.state_dict().items():
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+        digest.update(t.numpy().tobytes())
     return digest.hexdigest()
 
 

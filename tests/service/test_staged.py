@@ -227,7 +227,7 @@ def test_stage_limits_parse_and_defaults() -> None:
 
 
 def test_the_staged_limits_reach_the_engine_loader(tiny_fast_model, monkeypatch) -> None:
-    """The cudagraph engine sizes its buckets per stage from them; the whole-cascade batcher passes none."""
+    """The cudagraph engine sizes its buckets per stage from them; the whole-cascade batcher's are --max-batch."""
     import lowdiff.engines
     from lowdiff.service.state import Service
 
@@ -236,7 +236,7 @@ def test_the_staged_limits_reach_the_engine_loader(tiny_fast_model, monkeypatch)
     model = tiny_fast_model()
     Service(ServeSettings(scheduler="staged", max_batch=4, max_batch_per_stage="8=8"), model=model)._load_engine()
     Service(ServeSettings(scheduler="cascade", max_batch=4), model=model)._load_engine()
-    assert seen == [{8: 8, 16: 16, 32: 4}, None]
+    assert seen == [{8: 8, 16: 16, 32: 4}, {8: 4, 16: 4, 32: 4}]
 
 
 def test_staged_server_answers_and_reports_per_stage_metrics(tiny_fast_model, live_server, metric_value) -> None:
