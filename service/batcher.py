@@ -18,6 +18,12 @@ only sees "images in, images out". Batching each stage on its own (``--scheduler
 hand-off state from stage to stage (the fields of :class:`ImageJob` after ``started``), the engine's
 per-stage entry point (``CascadeEngine.run_stage``); tickets, deadlines, cancellation and
 backpressure are this module's.
+
+Previews for streams (``POST /generate/stream``) with whole-cascade batches: a batch that holds a
+streaming request's image runs the cascade through the same per-stage entry point, one engine call per
+stage in the same engine thread (:meth:`Batcher._cascade_by_stages`), so each hand-off's preview reaches
+its stream while the later stages run; the pixels are ``generate``'s (the same noise and per-stage work).
+Batches without a stream keep the single ``generate`` call.
 """
 
 from __future__ import annotations
@@ -30,12 +36,12 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from lowdiff.engines import EngineInfo
-from lowdiff.sampler import StageCallback
+from lowdiff.sampler import StageCallback, to_uint8
 from lowdiff.service.metrics import ServiceMetrics, batch_size_bucket
 
 log = logging.getLogger("lowdiff.service.batcher")
@@ -54,6 +60,35 @@ class Engine(Protocol):
     def warmup(self, batch_size: int = 1) -> None: ...
 
     def info(self) -> EngineInfo: ...
+
+
+STAGE_API = ("stage_noise", "run_stage", "denoised_preview")
+
+
+class StageEngine(Engine, Protocol):
+    """What running one stage at a time needs of an engine on top of :class:`Engine` (``CascadeEngine``):
+    the stage-level scheduler, and the cascade batcher for streams that want previews."""
+
+    def stage_noise(self, seeds: Sequence[int]) -> list[torch.Tensor]: ...
+
+    def run_stage(
+        self,
+        index: int,
+        noise: torch.Tensor,
+        class_labels: Sequence[int] | None,
+        condition: torch.Tensor | None,
+        sigma_cond: float | None,
+        on_stage: StageCallback | None = None,
+    ) -> tuple[torch.Tensor, float | None]: ...
+
+    def denoised_preview(
+        self,
+        index: int,
+        x: torch.Tensor,
+        class_labels: Sequence[int] | None,
+        condition: torch.Tensor | None,
+        sigma_cond: float | None,
+    ) -> torch.Tensor: ...
 
 
 class QueueFull(Exception):
@@ -75,9 +110,10 @@ class ImageJob:
     seed: int
     class_label: int | None
     started: bool = False
-    # Hand-off state, used by the stage-level scheduler (service/staged.py) only: the stage the image
-    # waits for, every stage's starting noise (drawn when it enters the cascade), the previous stage's
-    # output and the σ it was handed on at, and when it entered its current queue.
+    # Hand-off state, where batches run one stage per engine call (service/staged.py; a cascade batch that
+    # carries a stream's previews): the stage the image waits for, every stage's starting noise (drawn when
+    # it enters the cascade), the previous stage's output and the σ it was handed on at, and when it entered
+    # its current queue.
     stage: int = 0
     noise: list[torch.Tensor | None] | None = None
     condition: torch.Tensor | None = None
@@ -97,10 +133,10 @@ class Ticket:
     remaining: int = 0
     first_start: float | None = None  # when its first batch started (for queue_s)
     last_end: float | None = None  # when its last batch ended (for compute_s)
-    first_preview: float | None = None  # when its first preview was made (streaming, staged)
+    first_preview: float | None = None  # when its first preview was made (streaming)
     cancelled: str | None = None  # reason its unstarted work was dropped
     # Streaming (POST /generate/stream): events ("preview" | "image", job index, payload) are put here
-    # as they happen; previews are computed only when ``previews`` is set (the staged scheduler).
+    # as they happen; previews are computed only when ``previews`` is set (an engine with the stage API).
     events: asyncio.Queue[tuple[str, int, dict]] | None = None
     previews: bool = False
 
@@ -124,7 +160,10 @@ class Batcher:
         max_batch: int,
         max_delay_s: float,
         max_queue: int,
+        resolutions: Sequence[int] = (),
     ):
+        """``resolutions``: the model's stages; with more than one, and an engine that runs one stage at a
+        time, streaming requests get previews (their batches then run stage by stage, same pixels)."""
         self.engine = engine
         self.executor = executor
         self.metrics = metrics
@@ -139,7 +178,10 @@ class Batcher:
         self._engine_free_since = 0.0  # time.monotonic() when the last batch ended
         self.batches_run = 0
         self.running = False  # a batch is in the engine thread
-        self.makes_previews = False  # whole-cascade batches have no hand-off to show
+        self.resolutions = tuple(resolutions)
+        stage_api = all(hasattr(engine, name) for name in STAGE_API)
+        self.stage_engine: StageEngine | None = engine if stage_api else None  # type: ignore[assignment]
+        self.makes_previews = self.stage_engine is not None and len(self.resolutions) > 1
         metrics.bind_queue(lambda: self._queued)
 
     # ------------------------------------------------------------------ requests
@@ -267,10 +309,14 @@ class Batcher:
         seeds = [job.seed for job in batch]
         labels = None if all(job.class_label is None for job in batch) else [int(job.class_label) for job in batch]
         loop = asyncio.get_running_loop()
+        by_stages = self.makes_previews and any(job.ticket.previews for job in batch)
         try:
             self.running = True
             try:
-                images = await loop.run_in_executor(self.executor, self._generate, seeds, labels)
+                if by_stages:
+                    images = await loop.run_in_executor(self.executor, self._cascade_by_stages, batch, loop)
+                else:
+                    images = await loop.run_in_executor(self.executor, self._generate, seeds, labels)
             finally:
                 self.running = False
             if images.shape[0] != len(batch):
@@ -310,11 +356,77 @@ class Batcher:
 
     def _generate(self, seeds: list[int], labels: list[int] | None) -> torch.Tensor:
         """Runs in the engine thread; stage timings go straight to the (thread-safe) histogram."""
+        return self.engine.generate(seeds, labels, on_stage=self._observe_stage)
 
-        def on_stage(resolution: int, seconds: float) -> None:
-            self.metrics.stage_duration.labels(str(resolution)).observe(seconds)
+    def _observe_stage(self, resolution: int, seconds: float) -> None:
+        self.metrics.stage_duration.labels(str(resolution)).observe(seconds)
 
-        return self.engine.generate(seeds, labels, on_stage=on_stage)
+    @staticmethod
+    def _alive(ticket: Ticket) -> bool:
+        return ticket.cancelled is None and not ticket.future.done()
+
+    def _emit_previews(self, batch: list[ImageJob], previews: dict[int, dict[str, Any]]) -> None:
+        """On the event loop: hand the previews of one stage call to their streams."""
+        now = time.monotonic()
+        for position, preview in previews.items():
+            job = batch[position]
+            ticket = job.ticket
+            if ticket.events is not None and self._alive(ticket):
+                if ticket.first_preview is None:
+                    ticket.first_preview = now
+                    self.metrics.first_preview.observe(now - ticket.submitted)
+                ticket.events.put_nowait(("preview", job.index, preview))
+
+    def _stage_call(self, k: int, batch: list[ImageJob]) -> tuple[Any, dict[int, dict[str, Any]]]:
+        """Runs in the engine thread: stage k for ``batch``. Returns uint8 images after the last stage;
+        otherwise the images' hand-off state is stored on the jobs and the previews are returned
+        (position in the batch → {resolution, sigma, image})."""
+        engine = self.stage_engine
+        assert engine is not None, "an engine without the stage API runs whole cascades only"
+        if k == 0:
+            noises = engine.stage_noise([job.seed for job in batch])
+            for i, job in enumerate(batch):
+                job.noise = [n[i] for n in noises]
+        noise = torch.stack([job.noise[k] for job in batch])  # type: ignore[index, misc]
+        labels = None if all(job.class_label is None for job in batch) else [int(job.class_label) for job in batch]  # type: ignore[arg-type]
+        condition = None if k == 0 else torch.stack([job.condition for job in batch])  # type: ignore[misc]
+        sigma_cond = batch[0].sigma_cond
+        if any(job.sigma_cond != sigma_cond for job in batch):
+            raise RuntimeError(f"stage {k}: images handed on at different σ")  # a scheduler bug, never expected
+        x, sigma_next = engine.run_stage(k, noise, labels, condition, sigma_cond, on_stage=self._observe_stage)
+        if x.shape[0] != len(batch):
+            raise RuntimeError(f"engine returned {x.shape[0]} images for a batch of {len(batch)}")
+        for job in batch:
+            job.noise[k] = None  # type: ignore[index]
+        if k == len(self.resolutions) - 1:
+            return to_uint8(x), {}
+        wanted = [i for i, job in enumerate(batch) if job.ticket.previews and self._alive(job.ticket)]
+        previews: dict[int, dict[str, Any]] = {}
+        if wanted:
+            sub_labels = None if labels is None else [labels[i] for i in wanted]
+            sub_cond = None if condition is None else condition[wanted]
+            estimate = engine.denoised_preview(k, x[wanted], sub_labels, sub_cond, sigma_cond)
+            images = to_uint8(estimate)
+            for j, i in enumerate(wanted):
+                previews[i] = {"resolution": self.resolutions[k], "sigma": sigma_next, "image": images[j]}
+        for i, job in enumerate(batch):
+            job.condition, job.sigma_cond = x[i], sigma_next
+        return x, previews
+
+    def _cascade_by_stages(self, batch: list[ImageJob], loop: asyncio.AbstractEventLoop) -> torch.Tensor:
+        """Runs in the engine thread: the whole cascade for ``batch``, one :meth:`_stage_call` per stage,
+        handing each stage's previews to their streams as soon as it ends. What ``engine.generate`` does,
+        with the same pixels (the same noise and per-stage work; ``tests/service/test_staged.py``), plus one
+        preview evaluation for the streaming requests' images; used only for batches that hold one."""
+        out: torch.Tensor | None = None
+        for k in range(len(self.resolutions)):
+            out, previews = self._stage_call(k, batch)
+            if previews:
+                loop.call_soon_threadsafe(self._emit_previews, batch, previews)
+        for job in batch:
+            job.noise = job.condition = None
+        assert out is not None
+        return out
 
     def _fail(self, ticket: Ticket, failure: EngineFailure) -> None:
         if ticket.future.done():

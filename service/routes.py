@@ -370,8 +370,9 @@ def add_routes(app: FastAPI, service: Service) -> None:
             200: {
                 "content": {"text/event-stream": {"schema": STRING}},
                 "description": "Server-Sent Events: `preview` {index, seed, class_label, resolution, sigma, "
-                "png_base64} at each stage hand-off (staged scheduler only), `image` (an item of /generate's "
-                "images[], with its index) as each image is done, then `done` {model, timings}; an `error` "
+                "png_base64} at each stage hand-off (an engine with a per-stage entry point, either scheduler), "
+                "`image` (an item of /generate's images[], with its index) as each image is done, then `done` "
+                "{model, timings}; an `error` "
                 "event {status, error, field} ends a stream that fails after it began",
             },
             **auth,

@@ -52,42 +52,16 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from lowdiff.sampler import StageCallback, to_uint8
-from lowdiff.service.batcher import Batcher, Engine, EngineFailure, ImageJob, Ticket
+from lowdiff.service.batcher import Batcher, EngineFailure, ImageJob, StageEngine, Ticket
 from lowdiff.service.metrics import ServiceMetrics
 
 log = logging.getLogger("lowdiff.service.staged")
 
 DEFAULT_LIMIT_CAP = 512
-
-
-class StageEngine(Engine, Protocol):
-    """What the stage-level scheduler needs of an engine on top of :class:`Engine` (``CascadeEngine``)."""
-
-    def stage_noise(self, seeds: Sequence[int]) -> list[torch.Tensor]: ...
-
-    def run_stage(
-        self,
-        index: int,
-        noise: torch.Tensor,
-        class_labels: Sequence[int] | None,
-        condition: torch.Tensor | None,
-        sigma_cond: float | None,
-        on_stage: StageCallback | None = None,
-    ) -> tuple[torch.Tensor, float | None]: ...
-
-    def denoised_preview(
-        self,
-        index: int,
-        x: torch.Tensor,
-        class_labels: Sequence[int] | None,
-        condition: torch.Tensor | None,
-        sigma_cond: float | None,
-    ) -> torch.Tensor: ...
 
 
 def default_stage_limits(resolutions: Sequence[int], max_batch: int, cap: int = DEFAULT_LIMIT_CAP) -> dict[int, int]:
@@ -132,9 +106,8 @@ class StagedBatcher(Batcher):
         pool this batcher owns), and on ``device`` 'cuda…' each lane on its own CUDA stream; with
         ``last_lane_priority`` the last lane's stream has the higher priority, so that the lower lane's
         kernels fill what the full-resolution stage leaves idle instead of delaying it."""
-        super().__init__(engine, executor, metrics, limits[resolutions[-1]], max_delay_s, max_queue)
-        self.stage_engine = engine
-        self.resolutions = tuple(resolutions)
+        super().__init__(engine, executor, metrics, limits[resolutions[-1]], max_delay_s, max_queue, resolutions)
+        self.stage_engine: StageEngine = engine
         self.limits = [int(limits[r]) for r in self.resolutions]
         last = len(self.resolutions) - 1
         if overlap and last < 1:
@@ -144,7 +117,6 @@ class StagedBatcher(Batcher):
         # backpressure count); stage k ≥ 1 holds started images waiting for stage k.
         self._stages: list[deque[ImageJob]] = [self._queue] + [deque() for _ in self.resolutions[1:]]
         self._per_image_s = [0.0] * len(self.resolutions)
-        self.makes_previews = len(self.resolutions) > 1
         for k, r in enumerate(self.resolutions):
             metrics.stage_waiting.labels(str(r)).set_function(lambda k=k: self.waiting(k))
         self._owned_executor: ThreadPoolExecutor | None = None
@@ -179,10 +151,6 @@ class StagedBatcher(Batcher):
     def ahead(self) -> int:
         """Live started images not yet taken by the last stage (waiting at stages 1 … last)."""
         return sum(self.waiting(k) for k in range(1, len(self._stages)))
-
-    @staticmethod
-    def _alive(ticket: Ticket) -> bool:
-        return ticket.cancelled is None and not ticket.future.done()
 
     def retry_after(self, extra: int = 0) -> int:
         if any(self._per_image_s):
@@ -396,59 +364,8 @@ class StagedBatcher(Batcher):
             return False
         return len(batch) <= self.take_limit(k, len(batch))
 
-    def _emit_previews(self, batch: list[ImageJob], previews: dict[int, dict[str, Any]]) -> None:
-        """On the event loop: hand the previews of one stage call to their streams."""
-        now = time.monotonic()
-        for position, preview in previews.items():
-            job = batch[position]
-            ticket = job.ticket
-            if ticket.events is not None and self._alive(ticket):
-                if ticket.first_preview is None:
-                    ticket.first_preview = now
-                    self.metrics.first_preview.observe(now - ticket.submitted)
-                ticket.events.put_nowait(("preview", job.index, preview))
-
     def _deliver(self, batch: list[ImageJob], images: torch.Tensor) -> None:
         for job, image in zip(batch, images):
             job.noise = job.condition = None
             if self._alive(job.ticket):
                 self._deliver_image(job, image)
-
-    def _stage_call(self, k: int, batch: list[ImageJob]) -> tuple[Any, dict[int, dict[str, Any]]]:
-        """Runs in the engine thread: stage k for ``batch``. Returns uint8 images after the last stage;
-        otherwise the images' hand-off state is stored on the jobs and the previews are returned
-        (position in the batch → {resolution, sigma, image})."""
-        engine = self.stage_engine
-        if k == 0:
-            noises = engine.stage_noise([job.seed for job in batch])
-            for i, job in enumerate(batch):
-                job.noise = [n[i] for n in noises]
-        noise = torch.stack([job.noise[k] for job in batch])  # type: ignore[index, misc]
-        labels = None if all(job.class_label is None for job in batch) else [int(job.class_label) for job in batch]  # type: ignore[arg-type]
-        condition = None if k == 0 else torch.stack([job.condition for job in batch])  # type: ignore[misc]
-        sigma_cond = batch[0].sigma_cond
-        if any(job.sigma_cond != sigma_cond for job in batch):
-            raise RuntimeError(f"stage {k}: images handed on at different σ")  # a scheduler bug, never expected
-
-        def on_stage(resolution: int, seconds: float) -> None:
-            self.metrics.stage_duration.labels(str(resolution)).observe(seconds)
-
-        x, sigma_next = engine.run_stage(k, noise, labels, condition, sigma_cond, on_stage=on_stage)
-        if x.shape[0] != len(batch):
-            raise RuntimeError(f"engine returned {x.shape[0]} images for a batch of {len(batch)}")
-        for job in batch:
-            job.noise[k] = None  # type: ignore[index]
-        if k == len(self.resolutions) - 1:
-            return to_uint8(x), {}
-        wanted = [i for i, job in enumerate(batch) if job.ticket.previews and self._alive(job.ticket)]
-        previews: dict[int, dict[str, Any]] = {}
-        if wanted:
-            sub_labels = None if labels is None else [labels[i] for i in wanted]
-            sub_cond = None if condition is None else condition[wanted]
-            estimate = engine.denoised_preview(k, x[wanted], sub_labels, sub_cond, sigma_cond)
-            images = to_uint8(estimate)
-            for j, i in enumerate(wanted):
-                previews[i] = {"resolution": self.resolutions[k], "sigma": sigma_next, "image": images[j]}
-        for i, job in enumerate(batch):
-            job.condition, job.sigma_cond = x[i], sigma_next
-        return x, previews

@@ -16,7 +16,7 @@ from lowdiff.engines import STAGE_OVERLAP_ENGINES, EngineInfo
 from lowdiff.errors import LowDiffError, SettingsError
 from lowdiff.model import LowDiffModel, load_model
 from lowdiff.requests import MAX_IMAGES_PER_REQUEST
-from lowdiff.service.batcher import Batcher, Engine
+from lowdiff.service.batcher import STAGE_API, Batcher, Engine
 from lowdiff.service.metrics import ServiceMetrics
 from lowdiff.service.settings import STAGE_OVERLAP_REFUSED, ServeSettings, parse_stage_limits
 from lowdiff.service.staged import StagedBatcher, default_stage_limits
@@ -125,14 +125,15 @@ class Service:
         """The scheduler ``--scheduler`` names; staged limits are checked against the model's stages here
         (a resolution the model lacks is a SettingsError: `lowdiff serve` exits 2 naming the flag)."""
         s = self.settings
+        assert self.engine_info is not None
+        resolutions = self.engine_info.resolutions
         if s.scheduler == "cascade":
             if s.max_batch_per_stage is not None:
                 log.warning("--max-batch-per-stage is ignored: it applies to --scheduler staged only")
-            return Batcher(engine, self.executor, self.metrics, s.max_batch, s.max_delay_ms / 1000, s.max_queue)
-        assert self.engine_info is not None
-        resolutions = self.engine_info.resolutions
+            delay = s.max_delay_ms / 1000
+            return Batcher(engine, self.executor, self.metrics, s.max_batch, delay, s.max_queue, resolutions)
         limits = self._stage_limits(resolutions)
-        if not all(hasattr(engine, name) for name in ("stage_noise", "run_stage", "denoised_preview")):
+        if not all(hasattr(engine, name) for name in STAGE_API):
             raise SettingsError("--scheduler: this engine cannot run one stage at a time; use cascade", "scheduler")
         overlap = self._stage_overlap()
         log.info(

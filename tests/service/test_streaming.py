@@ -22,17 +22,19 @@ def parse_sse(text: str) -> list[tuple[str, dict]]:
     return events
 
 
-@pytest.fixture(scope="module")
-def staged_server(tiny_fast_model, live_server):
-    settings = ServeSettings(scheduler="staged", max_batch=4, timeout_s=120)
+@pytest.fixture(scope="module", params=["staged", "cascade"])
+def model_server(request, tiny_fast_model, live_server):
+    """A real (tiny) model behind either scheduler: both make previews (the cascade batcher runs a batch
+    holding a stream's images one stage per engine call)."""
+    settings = ServeSettings(scheduler=request.param, max_batch=4, timeout_s=120)
     with live_server(create_app(settings, model=tiny_fast_model())) as srv:
         srv.wait_ready(120)
         yield srv
 
 
-def test_previews_come_before_the_image_and_the_image_is_generates(staged_server, metric_value) -> None:
+def test_previews_come_before_the_image_and_the_image_is_generates(model_server, metric_value) -> None:
     body = {"class_label": 2, "seed": 77, "num_images": 2}
-    with staged_server.client() as c:
+    with model_server.client() as c:
         r = c.post("/generate/stream", json=body)
         assert r.status_code == 200, r.text
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -47,7 +49,7 @@ def test_previews_come_before_the_image_and_the_image_is_generates(staged_server
         # One preview per hand-off (8→16, 16→32), in stage order, all before the image.
         assert [p["resolution"] for p in previews] == [8, 16]
         assert [k for k, _ in mine] == ["preview", "preview", "image"]
-        stages = staged_server.service.model.config.schedule.stages
+        stages = model_server.service.model.config.schedule.stages
         assert [p["sigma"] for p in previews] == pytest.approx([float(s.sigmas()[-1]) for s in stages[:2]])
         assert all(p["seed"] == 77 + index and p["class_label"] == 2 for p in previews)
         image = next(e for k, e in mine if k == "image")
@@ -59,15 +61,16 @@ def test_previews_come_before_the_image_and_the_image_is_generates(staged_server
     assert metric_value(metrics, "lowdiff_time_to_first_preview_seconds_count") >= 1
 
 
-def test_stream_refuses_bad_bodies_like_generate(staged_server) -> None:
-    with staged_server.client() as c:
+def test_stream_refuses_bad_bodies_like_generate(model_server) -> None:
+    with model_server.client() as c:
         r = c.post("/generate/stream", json={"class_label": 99, "seed": 1})
         assert r.status_code == 422 and r.json()["field"] == "class_label"
         r = c.post("/generate/stream", json={"class_label": 1, "num_images": 0})
         assert r.status_code == 422
 
 
-def test_stream_with_the_cascade_scheduler_sends_images_without_previews(fake_engine, live) -> None:
+def test_an_engine_without_the_stage_api_streams_images_without_previews(fake_engine, live) -> None:
+    """FakeEngine has ``generate`` only: no hand-off to show, the stream carries the images."""
     with live(fake_engine(), max_queue=16) as srv, srv.wait_ready().client() as c:
         events = parse_sse(c.post("/generate/stream", json={"class_label": 1, "seed": 5, "num_images": 3}).text)
         plain = c.post("/generate", json={"class_label": 1, "seed": 5, "num_images": 3}).json()
