@@ -314,13 +314,14 @@ class Batcher:
             self.running = True
             try:
                 if by_stages:
-                    images = await loop.run_in_executor(self.executor, self._cascade_by_stages, batch, loop)
+                    done, images = await loop.run_in_executor(self.executor, self._cascade_by_stages, batch, loop)
                 else:
+                    done = batch
                     images = await loop.run_in_executor(self.executor, self._generate, seeds, labels)
             finally:
                 self.running = False
-            if images.shape[0] != len(batch):
-                raise RuntimeError(f"engine returned {images.shape[0]} images for a batch of {len(batch)}")
+            if images.shape[0] != len(done):
+                raise RuntimeError(f"engine returned {images.shape[0]} images for a batch of {len(done)}")
         except Exception as exc:  # any engine error fails this batch only
             self._engine_free_since = time.monotonic()
             self.metrics.batches.labels("error").inc()
@@ -336,9 +337,9 @@ class Batcher:
         self.metrics.batches.labels("ok").inc()
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_duration.labels(batch_size_bucket(len(batch))).observe(elapsed)
-        self.metrics.record_images(len(batch))
+        self.metrics.record_images(len(done))
         log.debug("batch of %d images in %.3f s", len(batch), elapsed)
-        for job, image in zip(batch, images):
+        for job, image in zip(done, images):
             job.ticket.last_end = end
             if job.ticket.cancelled is None and not job.ticket.future.done():
                 self._deliver_image(job, image)
@@ -413,20 +414,35 @@ class Batcher:
             job.condition, job.sigma_cond = x[i], sigma_next
         return x, previews
 
-    def _cascade_by_stages(self, batch: list[ImageJob], loop: asyncio.AbstractEventLoop) -> torch.Tensor:
+    def _cascade_by_stages(
+        self, batch: list[ImageJob], loop: asyncio.AbstractEventLoop
+    ) -> tuple[list[ImageJob], torch.Tensor]:
         """Runs in the engine thread: the whole cascade for ``batch``, one :meth:`_stage_call` per stage,
         handing each stage's previews to their streams as soon as it ends. What ``engine.generate`` does,
         with the same pixels (the same noise and per-stage work; ``tests/service/test_staged.py``), plus one
-        preview evaluation for the streaming requests' images; used only for batches that hold one."""
-        out: torch.Tensor | None = None
-        for k in range(len(self.resolutions)):
+        preview evaluation for the streaming requests' images; used only for batches that hold one. Images
+        whose request went away (a stream's client disconnected, its deadline passed) are dropped at the
+        next stage boundary, as the staged scheduler does. Returns the images that ran to the end, and
+        theirs (uint8)."""
+        last = len(self.resolutions) - 1
+        for k in range(last + 1):
             out, previews = self._stage_call(k, batch)
             if previews:
                 loop.call_soon_threadsafe(self._emit_previews, batch, previews)
+            if k == last:
+                break
+            alive = [job for job in batch if self._alive(job.ticket)]
+            if len(alive) < len(batch):
+                self.metrics.stage_images_abandoned.labels(str(self.resolutions[k + 1])).inc(len(batch) - len(alive))
+                for job in batch:
+                    if job not in alive:
+                        job.noise = job.condition = None
+                batch = alive
+                if not batch:
+                    return [], torch.empty(0, dtype=torch.uint8)
         for job in batch:
             job.noise = job.condition = None
-        assert out is not None
-        return out
+        return batch, out
 
     def _fail(self, ticket: Ticket, failure: EngineFailure) -> None:
         if ticket.future.done():

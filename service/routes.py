@@ -387,7 +387,7 @@ def add_routes(app: FastAPI, service: Service) -> None:
     async def generate_stream(body: GenerateRequest, request: Request) -> Response:
         """The body of `/generate`, answered as Server-Sent Events: previews, then each image as it is done.
 
-        Disconnecting cancels the images' remaining work (with the staged scheduler, at the next stage)."""
+        Disconnecting cancels the images' remaining work (started images: at the next stage hand-off)."""
         accepted = time.monotonic()
         batcher = check_accepting(service)
         seed, seeds, labels, label, name, timeout = parse_generate(body)

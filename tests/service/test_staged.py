@@ -191,6 +191,36 @@ def test_cancelled_request_skips_its_remaining_stages(tiny_fast_model, metric_va
     assert abandoned(metrics, metric_value, "16") == 2
 
 
+def test_a_cascade_batch_run_for_a_stream_drops_a_cancelled_requests_images_at_the_next_stage(
+    tiny_fast_model, metric_value
+) -> None:
+    """--scheduler cascade: a batch holding a stream's images runs one stage per call (for its previews); a
+    request that goes away meanwhile loses its images at the next stage, its batch neighbours' pixels are
+    the whole-cascade path's."""
+    torch_engine = load_engine(tiny_fast_model(), "torch")
+    engine = Recording(torch_engine)
+    metrics = ServiceMetrics()
+
+    async def scenario():
+        batcher = Batcher(engine, ThreadPoolExecutor(1), metrics, 4, 0.0, 64, RES)
+        batcher.start()
+        engine.hold.clear()
+        streamed = batcher.submit([5, 6], [0, 0], deadline=time.monotonic() + 300, stream=True)
+        plain = batcher.submit([7], [3], deadline=time.monotonic() + 300)
+        await _wait(engine.started)
+        batcher.cancel(streamed, "disconnect")
+        engine.hold.set()
+        images = await plain.future
+        await batcher.close()
+        return streamed, images
+
+    streamed, images = asyncio.run(scenario())
+    assert streamed.previews
+    assert engine.stages == [(0, 3), (1, 1), (2, 1)]  # one batch; the cancelled images stopped after stage 8
+    assert abandoned(metrics, metric_value, "16") == 2
+    assert torch.equal(images[0], torch_engine.generate([7], [3])[0])
+
+
 def test_a_request_past_its_deadline_stops_at_the_next_stage(tiny_fast_model, metric_value) -> None:
     engine = Recording(load_engine(tiny_fast_model(), "torch"))
     metrics = ServiceMetrics()
