@@ -31,8 +31,9 @@ results are saved before the next starts:
     (no HTTP), cifar10-cond random weights, max batch 64, 256 single-image requests kept outstanding, on
     ``cudagraph:bf16`` with each stage's buckets up to its staged limit (8×8: 512, 16×16: 256, as
     ``lowdiff serve --scheduler staged`` captures them; bucket 64 alone was run 4): whole-cascade
-    batches vs ``--scheduler staged`` vs staged with ``--stage-overlap on`` (each lane its own CUDA stream)
-    vs the same with the last lane's stream at high priority; images/s over a 3 s window, the share of
+    batches vs ``--scheduler staged`` vs staged with ``--stage-overlap on`` (each lane its own CUDA stream;
+    the default ``--overlap-backlog``) vs the same with backlog 0 (always beside) vs with the last lane's
+    stream at high priority; images/s over a 3 s window, the share of
     it both lanes ran at once, the same (class, seed)'s pixels across them; then edm-cifar10-cond's
     whole-cascade batches in the same loop for the LowDiff/EDM ratio; goals ≥ 1.15× cascade and ≥ 1.55×
     EDM; ``scheduler-overlap.json|md``;
@@ -254,7 +255,7 @@ def gpu_plan() -> Plan:
             "dit-ratio": (42, 130),  # H200, run 4: 40 s
             # H200, run 4: 24 s for 3 schedulers × 5 s with 3 captures; now 4 × 4.5 s, 26 captures (buckets
             # up to each stage's limit) and the baseline's cascade run
-            "scheduler-overlap": (45, 120),
+            "scheduler-overlap": (50, 120),
             "compile-gate": (90, 120),
             "saturation-cudagraph": (70, 110),
             "bench-all": (240, 300),
@@ -759,8 +760,10 @@ def dit_ratio_line(summary: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------- the scheduler-overlap worker
-# staged+overlap+prio: the last lane's CUDA stream at high priority (StagedBatcher's last_lane_priority)
-OVERLAP_SCHEDULERS = ("cascade", "staged", "staged+overlap", "staged+overlap+prio")
+# staged+overlap: the served default (--overlap-backlog 2 × the last stage's limit); +always: backlog 0,
+# the lower lane always beside the last (what run 4 measured); +prio: the last lane's CUDA stream at high
+# priority (StagedBatcher's last_lane_priority)
+OVERLAP_SCHEDULERS = ("cascade", "staged", "staged+overlap", "staged+overlap+always", "staged+overlap+prio")
 
 
 def overlap_worker(out: Path, plan: Plan) -> None:
@@ -819,7 +822,8 @@ def overlap_worker(out: Path, plan: Plan) -> None:
         else:
             batcher = StagedBatcher(engine, executors[0], metrics, resolutions, limits, 0.0, queue,
                                     overlap="+overlap" in scheduler, last_executor=executors[1],
-                                    device=plan.device, last_lane_priority=scheduler.endswith("+prio"))  # fmt: skip
+                                    device=plan.device, last_lane_priority=scheduler.endswith("+prio"),
+                                    overlap_backlog=0 if scheduler.endswith("+always") else None)  # fmt: skip
         answered: list[float] = []  # ticket.last_end of every answer
         kept: dict[int, Any] = {}
         batcher.start()

@@ -125,6 +125,12 @@ class ServiceMetrics:
             "Stage-level scheduler with --stage-overlap: seconds both lanes ran a call at once.",
             registry=r,
         )
+        self.stage_overlap_held = Counter(
+            "lowdiff_stage_overlap_held_total",
+            "Stage-level scheduler with --stage-overlap: times the lower lane waited for the last lane instead "
+            "of running beside it, because fewer than --overlap-backlog images waited unstarted.",
+            registry=r,
+        )
         self.first_preview = Histogram(
             "lowdiff_time_to_first_preview_seconds",
             "POST /generate/stream: time from a request's arrival to its first preview.",

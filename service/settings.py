@@ -90,7 +90,10 @@ class ServeSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
     max_batch: int = Field(64, ge=1, description="most images in one engine batch")
     max_delay_ms: float = Field(
-        10.0, ge=0, description="longest wait for a batch to fill, from its oldest image's arrival"
+        10.0,
+        ge=0,
+        description="longest wait for a batch to fill, from its oldest image's arrival or the previous batch's "
+        "end, whichever is later",
     )
     max_queue: int = Field(1024, ge=1, description="most queued (not yet started) images; past it new requests get 429")
     scheduler: Literal["cascade", "staged"] = Field(
@@ -106,8 +109,15 @@ class ServeSettings(BaseSettings):
     stage_overlap: StageOverlap = Field(
         "off",
         description="staged: run the last stage in its own engine thread (and CUDA stream) beside the lower "
-        "stages; auto: on for --device cuda with an engine that supports it (torch, cudagraph). Not yet "
-        "measured on a GPU (README, Schedulers)",
+        "stages; auto: on for --device cuda with an engine that supports it (torch, cudagraph). Latency not "
+        "yet measured on a GPU (README, Schedulers)",
+    )
+    overlap_backlog: int | None = Field(
+        None,
+        ge=0,
+        description="with --stage-overlap: a lower stage runs beside a last-stage call only while at least this "
+        "many images wait unstarted, else it waits its turn as without overlap (default: twice the last "
+        "stage's batch limit; 0: always beside)",
     )
     timeout_s: float = Field(
         120.0, gt=0, description="default per-request deadline (a request may set timeout_s itself)"

@@ -101,11 +101,14 @@ class StagedBatcher(Batcher):
         last_executor: Executor | None = None,
         device: str = "cpu",
         last_lane_priority: bool = False,
+        overlap_backlog: int | None = None,
     ):
         """With ``overlap`` the last stage runs in its own lane: on ``last_executor`` (default: a one-thread
         pool this batcher owns), and on ``device`` 'cuda…' each lane on its own CUDA stream; with
         ``last_lane_priority`` the last lane's stream has the higher priority, so that the lower lane's
-        kernels fill what the full-resolution stage leaves idle instead of delaying it."""
+        kernels fill what the full-resolution stage leaves idle instead of delaying it. ``overlap_backlog``
+        (default ``2 · limits[last]``; 0: never hold) is how many unstarted images make the lower lane run
+        beside a busy last lane (:meth:`_held`)."""
         super().__init__(engine, executor, metrics, limits[resolutions[-1]], max_delay_s, max_queue, resolutions)
         self.stage_engine: StageEngine = engine
         self.limits = [int(limits[r]) for r in self.resolutions]
@@ -134,6 +137,7 @@ class StagedBatcher(Batcher):
         else:
             self._lanes = [Lane("all", executor, 0, last)]
         self.ahead_limit = self.limits[0] + 2 * self.limits[last]
+        self.overlap_backlog = 2 * self.limits[last] if overlap_backlog is None else int(overlap_backlog)
         self._last_wakeup = asyncio.Event()  # images reached the last stage's queue (overlap)
         self._room = asyncio.Event()  # the last lane took images, or some went away (overlap)
         self._both_busy_since: float | None = None
@@ -215,8 +219,25 @@ class StagedBatcher(Batcher):
             return self.limits[k]
         return min(self.limits[k], self.limits[last])
 
+    def _held(self) -> bool:
+        """Overlap: whether the lower lane waits for the last lane instead of starting a call beside it —
+        the last lane runs (or has images waiting for it) and fewer than ``overlap_backlog`` images wait
+        unstarted. Why (``benchmarks/scheduler/``, simulator): on an H200 the two lanes ran each at about
+        1/1.7 of its speed alone while both were busy; at that contention, starting newcomers' small calls
+        beside the last stage of images nearly done raised p50 1.2–3× at 50–95 % load (single images), while
+        with this hold the order below a backlog is the serial one (1.00×) and a backlog still gains
+        (1.08–1.10× saturated throughput)."""
+        if not self.overlap or self.overlap_backlog == 0 or self._queued >= self.overlap_backlog:
+            return False
+        return self._lanes[1].busy or self.waiting(len(self._stages) - 1) > 0
+
     async def _next_stage_batch(self, lane: Lane) -> tuple[int, list[ImageJob]]:
         while True:
+            if self._held():
+                self.metrics.stage_overlap_held.inc()
+                self._wakeup.clear()
+                await self._wakeup.wait()  # set by arrivals and by the last lane going idle
+                continue
             for k in range(lane.last_stage, 0, -1):
                 batch = self._take_started(k, self.take_limit(k))
                 if batch:
@@ -267,6 +288,8 @@ class StagedBatcher(Batcher):
         else:
             self.metrics.stage_lane_busy_seconds.labels(lane.name).inc(now - lane.busy_since)
         lane.busy = busy
+        if not busy and lane.name == "last":
+            self._wakeup.set()  # the lower lane may be holding for it (_held)
         both = len(self._lanes) > 1 and all(other.busy for other in self._lanes)
         if both and self._both_busy_since is None:
             self._both_busy_since = now
@@ -285,7 +308,9 @@ class StagedBatcher(Batcher):
                 if job.ticket.first_start is None:
                     job.ticket.first_start = start
         loop = asyncio.get_running_loop()
-        takes_new = lane is self._lanes[0]  # its end is when the fill delay starts counting
+        # The fill delay counts from the end of the lane that takes new images; held, from either lane's
+        # end (below a backlog the order is the serial one, and so is the delay).
+        takes_new = lane is self._lanes[0] or self.overlap_backlog > 0
         try:
             self._set_busy(lane, True)
             try:

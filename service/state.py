@@ -138,7 +138,11 @@ class Service:
         overlap = self._stage_overlap()
         log.info(
             "staged scheduler",
-            extra={"limits": {str(r): limits[r] for r in resolutions}, "stage_overlap": overlap},
+            extra={
+                "limits": {str(r): limits[r] for r in resolutions},
+                "stage_overlap": overlap,
+                "overlap_backlog": s.overlap_backlog,
+            },
         )
         return StagedBatcher(
             engine,  # type: ignore[arg-type]  # checked above
@@ -150,6 +154,7 @@ class Service:
             s.max_queue,
             overlap=overlap,
             device=self.engine_info.device,
+            overlap_backlog=s.overlap_backlog,
         )
 
     def _stage_limits(self, resolutions: Sequence[int]) -> dict[int, int]:

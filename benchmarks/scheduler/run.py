@@ -18,7 +18,9 @@ Offered load is a fraction of the whole-cascade batcher's saturated throughput a
 Prints one table, writes results.json and scheduler.png (p50, p99 and throughput against load).
 
 ``--overlap-slowdowns 1,1.5`` adds the overlapped staged scheduler (``--stage-overlap on``) at those
-contention slowdowns (see lowdiff/bench/simulate.py: while both lanes run, each at 1/s of its speed).
+contention slowdowns (see lowdiff/bench/simulate.py: while both lanes run, each at 1/s of its speed),
+each without a backlog gate (``--overlap-backlog 0``) and with the served default (2 × the last stage's
+limit).
 ``--saturated-only`` runs only the saturated-throughput table (seconds, not minutes), with the overlap
 slowdowns given (default 1, 1.25, 1.5, 1.75, 2) and the largest s that still reaches ``--target`` ×
 cascade, and writes ``overlap-saturated.json`` instead of results.json.
@@ -79,8 +81,16 @@ def schedulers(cascade: Cascade, max_delay: float, overlap_slowdowns: tuple[floa
         StagedScheduler(cascade, limits, max_delay, "merge"),
         ContinuousScheduler(cascade, limits, max_delay, "later"),
         ContinuousScheduler(cascade, limits, max_delay, "oldest"),
-        *(OverlapStagedScheduler(cascade, limits, max_delay, s) for s in overlap_slowdowns),
+        *overlapped(cascade, limits, max_delay, overlap_slowdowns),
     ]
+
+
+def overlapped(cascade: Cascade, limits: dict[int, int], max_delay: float, slowdowns: tuple[float, ...]) -> list[Any]:
+    """The overlapped staged scheduler at each contention slowdown: as ``--stage-overlap on`` with
+    ``--overlap-backlog 0`` (the lower lane always runs beside the last) and with the served default
+    (beside it only while 2 × the last stage's limit images wait unstarted)."""
+    gate = 2 * limits[RESOLUTIONS[-1]]
+    return [OverlapStagedScheduler(cascade, limits, max_delay, s, gate=g) for s in slowdowns for g in (None, gate)]
 
 
 def saturated_only(costs: dict[str, Any], slowdowns: tuple[float, ...], target: float, out_dir: Path) -> None:
@@ -95,7 +105,7 @@ def saturated_only(costs: dict[str, Any], slowdowns: tuple[float, ...], target: 
                      "vs_cascade": 1.0})  # fmt: skip
         for limits in (limits_by_pixels(MAX_BATCH), {r: MAX_BATCH for r in RESOLUTIONS}):
             scheds = [StagedScheduler(cascade, limits, 0.0, "backlog")]
-            scheds += [OverlapStagedScheduler(cascade, limits, 0.0, s) for s in slowdowns]
+            scheds += overlapped(cascade, limits, 0.0, slowdowns)
             for sched in scheds:
                 rate = saturated_throughput(sched, 4096)
                 rows.append(

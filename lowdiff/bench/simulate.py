@@ -25,11 +25,14 @@ Schedulers (each :class:`Scheduler` answers "what does the engine run next, or h
 * :class:`OverlapStagedScheduler` — ``lowdiff serve --scheduler staged --stage-overlap on``: the staged
   scheduler's ``backlog`` policy in two lanes that run at the same time, one for the last stage, one for
   the stages before it (later first), the lower lane at most ``limits[0] + 2 · limits[last]`` started
-  images ahead of the last. **Contention model** (an assumption, one parameter): while both lanes run,
-  each progresses at ``1/s`` of its speed alone (``slowdown`` s); s = 1 is perfect overlap (the GPU had
-  room for both), s = 2 none at all (two calls at once take as long as one after the other). Real
-  contention is not symmetric — the 8×8 stage's kernels leave SMs idle, the 32×32 stage's do not — so s
-  is what a measurement (``scripts/gpu_check.py``, step ``scheduler-overlap``) has to pin down.
+  images ahead of the last. With a ``gate`` g (``--overlap-backlog``, served default ``2 · limits[last]``)
+  the lower lane starts a call beside a running last-stage call only while at least g images wait
+  unstarted; otherwise it waits for the last lane, so without a backlog the order is the serial one.
+  **Contention model** (an assumption, one parameter): while both lanes run, each progresses at ``1/s``
+  of its speed alone (``slowdown`` s); s = 1 is perfect overlap (the GPU had room for both), s = 2 none
+  at all (two calls at once take as long as one after the other). Real contention is not symmetric —
+  the 8×8 stage's kernels leave SMs idle, the 32×32 stage's do not — so s is what a measurement
+  (``scripts/gpu_check.py``, step ``scheduler-overlap``) has to pin down.
 * :class:`ContinuousScheduler` — per-evaluation joining, LLM-style: a call runs *one* evaluation
   for up to ``limits[r]`` images at resolution r, whatever their step inside the stage (the network
   takes a σ per image), so images join a running stage at any evaluation. Its ``policy``:
@@ -284,14 +287,26 @@ class OverlapStagedScheduler(StagedScheduler):
     lanes = ("last", "lower")  # asked in this order: what the last lane takes makes room for the lower
 
     def __init__(
-        self, cascade: Cascade, limits: Mapping[int, int], max_delay: float, slowdown: float, policy: str = "backlog"
+        self,
+        cascade: Cascade,
+        limits: Mapping[int, int],
+        max_delay: float,
+        slowdown: float,
+        policy: str = "backlog",
+        gate: int | None = None,
     ):
+        """``gate``: None — the lower lane runs whenever it has work (``--stage-overlap on``); an image
+        count g — it starts a call while the last lane runs only if at least g images wait unstarted (a
+        backlog), else it waits for the last lane to finish, which is the serial later-first order."""
         if slowdown < 1:
             raise ValueError(f"slowdown must be ≥ 1 (1: perfect overlap), got {slowdown}")
         super().__init__(cascade, limits, max_delay, policy)
         limit_text = "/".join(str(limits[r]) for r in cascade.resolutions)
-        self.name = f"staged overlap s={slowdown:g} {policy} ({limit_text})"
+        gated = "" if gate is None else f" gate {gate}"
+        self.name = f"staged overlap s={slowdown:g}{gated} {policy} ({limit_text})"
         self.slowdown = slowdown
+        self.gate = gate
+        self.last_running = False
         self.ahead_limit = self.limits[0] + 2 * self.limits[-1]
 
     def decide(self, now: float) -> Call | float | None:
@@ -304,10 +319,13 @@ class OverlapStagedScheduler(StagedScheduler):
             if not self.queues[last]:
                 return None
             batch = _take(self.queues[last], self.limits[last])
+            self.last_running = True
             return Call(batch, last, self.cascade.stage_seconds(last, len(batch)), self.cascade.nfe[last])
         waiting = [k for k in range(last) if self.queues[k]]
         if not waiting:
             return None
+        if self.gate is not None and self.last_running and len(self.queues[0]) < self.gate:
+            return None  # no backlog: wait for the last lane, as one serial engine would (asked again at its end)
         k = waiting[-1]
         queue = self.queues[k]
         limit = self.take_limit(k)
@@ -327,7 +345,11 @@ class OverlapStagedScheduler(StagedScheduler):
         free_since = self.free_since
         done = super().finish(call, now)
         if call.stage == len(self.queues) - 1:
-            self.free_since = free_since  # the fill delay counts from the end of the lower lane's calls
+            self.last_running = False
+            if self.gate is None:
+                self.free_since = free_since  # the fill delay counts from the end of the lower lane's calls
+            # Gated, the lower lane starts beside the last one only with a backlog (the fill delay is then
+            # moot): the delay counts from either lane's end, as on one serial engine.
         return done
 
 

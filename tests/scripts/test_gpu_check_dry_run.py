@@ -181,7 +181,7 @@ def test_whole_dry_run(tmp_path: Path) -> None:
     assert dit["ratio_with_decode"] > 0 and dit["cascade"]["decode_s_mean"] > 0
     overlap = json.loads((out / "scheduler-overlap.json").read_text())["results"]
     assert [e["engine"] for e in overlap] == ["torch:fp32"]
-    assert [r["scheduler"] for r in overlap[0]["results"]] == ["cascade", "staged", "staged+overlap"]
+    assert [r["scheduler"] for r in overlap[0]["results"]] == list(load_script().OVERLAP_SCHEDULERS)
     assert all(r["max_levels_vs_cascade"] in (0, None) for r in overlap[0]["results"])
     md = (out / "gpu_check.md").read_text()
     assert "## scheduler-overlap" in md

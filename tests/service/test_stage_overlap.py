@@ -57,8 +57,13 @@ class SleepEngine:
         return torch.zeros(x.shape[0], 1, 32, 32, dtype=torch.float64)
 
 
-def staged(engine, metrics: ServiceMetrics, overlap: bool, limits=SMALL, max_queue: int = 64) -> StagedBatcher:
-    return StagedBatcher(engine, ThreadPoolExecutor(1), metrics, RES, limits, 0.0, max_queue, overlap=overlap)
+def staged(
+    engine, metrics: ServiceMetrics, overlap: bool, limits=SMALL, max_queue: int = 64, backlog: int | None = None
+) -> StagedBatcher:
+    executor = ThreadPoolExecutor(1)
+    return StagedBatcher(
+        engine, executor, metrics, RES, limits, 0.0, max_queue, overlap=overlap, overlap_backlog=backlog
+    )
 
 
 async def _until(predicate, timeout: float = 30.0) -> None:
@@ -105,6 +110,39 @@ def test_a_lower_stage_call_runs_while_a_last_stage_call_does(metric_value) -> N
 
     serial, serial_overlap_s = _run_burst(False, metric_value)
     assert not _overlapping(serial.calls) and serial_overlap_s == 0
+
+
+@pytest.mark.parametrize("backlog", [None, 0])
+def test_without_a_backlog_the_lower_lane_waits_for_the_last(backlog, metric_value) -> None:
+    """Default --overlap-backlog (2 × the last stage's limit = 4 here): two newcomers arriving while a
+    last-stage call runs wait for it (the serial order); with 0 their first stage runs beside it."""
+    engine = SleepEngine(0.02, held_stage=len(RES) - 1)
+    metrics = ServiceMetrics()
+
+    async def scenario():
+        batcher = staged(engine, metrics, True, backlog=backlog)
+        batcher.start()
+        engine.hold.clear()
+        first = batcher.submit([1, 2], [0, 0], deadline=time.monotonic() + 120)
+        await _until(engine.started.is_set)  # the first cohort's last stage runs (held)
+        later = batcher.submit([3, 4], [0, 0], deadline=time.monotonic() + 120)
+        await asyncio.sleep(0.4)
+        during = [c[0] for c in engine.calls]
+        engine.hold.set()
+        await first.future
+        await later.future
+        await batcher.close()
+        return during
+
+    during = asyncio.run(scenario())
+    held = metric_value(metrics.exposition().decode(), "lowdiff_stage_overlap_held_total")
+    if backlog is None:
+        assert during == [0, 1]  # only the first cohort's lower stages ran while its last stage was held
+        assert held >= 1
+        assert not _overlapping(engine.calls)
+    else:
+        assert during == [0, 1, 0, 1]  # the newcomers' lower stages ran beside the held last stage
+        assert held == 0
 
 
 def test_pixels_are_those_of_overlap_off_and_of_the_cascade_alone(tiny_fast_model) -> None:
