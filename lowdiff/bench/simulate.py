@@ -562,8 +562,8 @@ def _run_lanes(
             running[lane] = [decision, decision.seconds]
         rate = 1.0 / scheduler.slowdown if len(running) > 1 else 1.0
         next_arrival = requests[nxt].arrival if nxt < len(requests) else math.inf
-        ends = [now + left / rate for _, left in running.values()]
-        t = min([next_arrival, *wake.values(), *ends])
+        ends = {lane: now + left / rate for lane, (_, left) in running.items()}
+        t = min([next_arrival, *wake.values(), *ends.values()])
         if t == math.inf:
             raise RuntimeError(f"{scheduler.name}: idle with {pending} request(s) unfinished")
         if running:
@@ -571,7 +571,9 @@ def _run_lanes(
         for entry in running.values():
             entry[1] -= (t - now) * rate
         now = t
-        for lane in [lane for lane, (_, left) in running.items() if left <= 1e-12]:
+        # A call ends when the clock reaches its end, not when its remaining work rounds to zero: late in a
+        # long trace ``now`` is large, and ``now + left / rate`` may equal ``now`` while ``left`` is not 0.
+        for lane in [lane for lane, end in ends.items() if end <= t]:
             done, finished = _complete(scheduler, running.pop(lane)[0], now, window)
             done_in_window += done
             pending -= finished

@@ -4,6 +4,7 @@ must coincide do, and larger low-resolution batches buy throughput only where ev
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 
@@ -191,3 +192,19 @@ def test_gated_overlap_is_the_serial_order_without_a_backlog_and_overlaps_with_o
         ungated, rel=0.02
     )
     assert ungated > 1.05 * saturated_throughput(StagedScheduler(CASCADE, BIG, 0.0, "backlog"), 2048)
+
+
+def test_overlapped_calls_end_late_in_a_long_trace():
+    """Far into a trace (``now`` ≈ 10⁷ s) a call's remaining work can round to a value whose end equals
+    ``now``; the event loop must still end it (it once spun forever there, in the CPU-table sweep)."""
+    trace = [(1e7 + 0.004 * i, 1 + i % 3) for i in range(400)]
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        result["stats"] = simulate(OverlapStagedScheduler(CASCADE, BIG, 0.001, 1.7), trace, warmup_fraction=0.0)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert "stats" in result, "the simulation did not finish"
+    assert result["stats"].requests == len(trace)
