@@ -146,7 +146,12 @@ def main() -> None:
     parser.add_argument("--overlap-slowdowns", default=None, help="comma list of s: add staged overlap at each")
     parser.add_argument("--saturated-only", action="store_true", help="only the saturated table (with overlap)")
     parser.add_argument("--target", type=float, default=1.15, help="--saturated-only: the ratio to reach")
+    parser.add_argument("--plot-only", action="store_true", help="redraw scheduler.png from --out-dir's results.json")
     args = parser.parse_args()
+    if args.plot_only:
+        rows = json.loads((args.out_dir / "results.json").read_text())["rows"]
+        print(args.out_dir / "scheduler.png" if plot(rows, args.out_dir / "scheduler.png") else "no matplotlib")
+        return
     max_delay = args.max_delay_ms / 1000
     default_slowdowns = "1,1.25,1.5,1.75,2" if args.saturated_only else ""
     slowdowns = tuple(float(x) for x in (args.overlap_slowdowns or default_slowdowns).split(",") if x)
@@ -249,13 +254,17 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
         return False
     panels = sorted({(r["cost"], r["requests"]) for r in rows})
     fig, axes = plt.subplots(len(panels), 3, figsize=(15, 3.6 * len(panels)), squeeze=False)
+    names = list(dict.fromkeys(r["scheduler"] for r in rows))
+    colours = plt.get_cmap("tab20").colors  # 20 distinct colours: the sweep plots up to 13 schedulers
     for row_axes, (cost, mix) in zip(axes, panels):
         mine = [r for r in rows if r["cost"] == cost and r["requests"] == mix]
         for name in dict.fromkeys(r["scheduler"] for r in mine):
             pts = sorted((r["load"], r) for r in mine if r["scheduler"] == name)
             loads = [100 * load for load, _ in pts]
+            style = {"color": colours[names.index(name) % len(colours)], "marker": "o", "label": name,
+                     "linestyle": "--" if " gate " in name else "-"}  # fmt: skip
             for ax, key in zip(row_axes, ("p50_s", "p99_s", "throughput")):
-                ax.plot(loads, [r[key] for _, r in pts], marker="o", label=name)
+                ax.plot(loads, [r[key] for _, r in pts], **style)
         for ax, title in zip(row_axes, ("p50 latency (s)", "p99 latency (s)", "throughput (images/s)")):
             ax.set_title(f"{cost}, {mix}: {title}", fontsize=9)
             ax.set_xlabel("offered load (% of cascade capacity)")
