@@ -17,6 +17,7 @@ import asyncio
 import json
 import random
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,11 +39,36 @@ from lowdiff.service.staged import StagedBatcher, default_stage_limits  # noqa: 
 
 
 class SleepEngine:
-    def __init__(self, cascade: Cascade):
+    """Each call waits the cost model's time. ``slowdown`` s (overlap): while two calls are in progress at
+    once (the two lanes of ``--stage-overlap``), each progresses at 1/s of its speed — the simulator's
+    contention model, acted out in 1 ms slices, so the served batcher's lanes see it as they would see a
+    GPU whose two streams slow each other down."""
+
+    def __init__(self, cascade: Cascade, slowdown: float = 1.0):
         self.cascade = cascade
+        self.slowdown = slowdown
+        self._lock = threading.Lock()
+        self._active = 0
+
+    def _wait(self, seconds: float) -> None:
+        with self._lock:
+            self._active += 1
+        try:
+            left = seconds
+            last = time.perf_counter()
+            while left > 0:
+                with self._lock:
+                    rate = 1.0 / self.slowdown if self._active > 1 else 1.0
+                time.sleep(min(0.001, left / rate))
+                now = time.perf_counter()
+                left -= (now - last) * rate
+                last = now
+        finally:
+            with self._lock:
+                self._active -= 1
 
     def generate(self, seeds: Sequence[int], class_labels: Any = None, on_stage: Any = None) -> torch.Tensor:
-        time.sleep(self.cascade.cascade_seconds(len(seeds)))
+        self._wait(self.cascade.cascade_seconds(len(seeds)))
         return torch.zeros(len(seeds), 1, 2, 2, dtype=torch.uint8)
 
     def stage_noise(self, seeds: Sequence[int]) -> list[torch.Tensor]:
@@ -51,7 +77,7 @@ class SleepEngine:
     def run_stage(
         self, index: int, noise: torch.Tensor, class_labels: Any, condition: Any, sigma_cond: Any, on_stage: Any = None
     ) -> tuple[torch.Tensor, float | None]:
-        time.sleep(self.cascade.stage_seconds(index, noise.shape[0]))
+        self._wait(self.cascade.stage_seconds(index, noise.shape[0]))
         last = index == len(RESOLUTIONS) - 1
         return noise.double(), (None if last else 1.0)
 
@@ -98,17 +124,33 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1500)
     parser.add_argument("--loads", default="0.25,0.5,0.8,0.95,1.2")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--overlap-slowdown",
+        type=float,
+        default=None,
+        help="also run --stage-overlap on, held (default --overlap-backlog) and always beside (0), with the two "
+        "lanes' calls slowed to 1/s of their speed while both run (the H200 run implies s ≈ 1.7)",
+    )
     args = parser.parse_args()
     cascade = Cascade(RESOLUTIONS, NFE, LinearCost.through(H100_FLOOR, 64, H100_AT_64))
     capacity = cascade.capacity(64)
-    engine = SleepEngine(cascade)
+    engine = SleepEngine(cascade, args.overlap_slowdown or 1.0)
     limits = default_stage_limits(RESOLUTIONS, 64)
-    makers = {
+
+    def staged(overlap: bool = False, backlog: int | None = None) -> StagedBatcher:
+        executor = ThreadPoolExecutor(1)
+        return StagedBatcher(
+            engine, executor, ServiceMetrics(), RESOLUTIONS, limits, 0.01, 100_000, overlap=overlap,
+            overlap_backlog=backlog,
+        )  # fmt: skip
+
+    makers: dict[str, Callable[[], Batcher]] = {
         "cascade": lambda: Batcher(engine, ThreadPoolExecutor(1), ServiceMetrics(), 64, 0.01, 100_000),
-        "staged": lambda: StagedBatcher(
-            engine, ThreadPoolExecutor(1), ServiceMetrics(), RESOLUTIONS, limits, 0.01, 100_000
-        ),
+        "staged": staged,
     }
+    if args.overlap_slowdown is not None:
+        makers["staged+overlap (held)"] = lambda: staged(True)
+        makers["staged+overlap (always)"] = lambda: staged(True, 0)
     rows: list[dict[str, Any]] = []
     for load in (float(x) for x in args.loads.split(",")):
         rng = random.Random(args.seed)
@@ -135,6 +177,7 @@ def main() -> None:
     out = {
         "command": " ".join(["python", "benchmarks/scheduler/sleep_engine.py", *sys.argv[1:]]),
         "cost": "cifar10-cond H100 linear model of run.py (floors assumed)",
+        "overlap_slowdown": args.overlap_slowdown,
         "capacity_images_per_s": capacity,
         "limits": limits,
         "max_delay_s": 0.01,
