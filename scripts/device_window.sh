@@ -13,6 +13,11 @@
 #    Scoring and timing stay on the CPU (the study's throughput is the CPU's); the first 2,000 seeds of
 #    each GPU point that the CPU cache also holds are compared level by level before any is used.
 # Without CUDA it runs nothing of step 2 but says so (gpu_check.py does the same for step 1).
+# SCHED_LATENCY_S=N (environment; default 0: off) runs, between steps 1 and 2, issue 14's open-loop latency
+# of the service's batchers on cifar10-cond, cudagraph bf16 (benchmarks/scheduler/sleep_engine.py --model:
+# cascade, staged, staged with overlap held and always beside, at 50/95/120 % of the cascade batcher's
+# measured capacity; about 2.5 min on an H200, not yet run) for at most N seconds, into
+# OUT_DIR/scheduler-latency.json|log. Quality samples (issue 17, resolved) are off with QUALITY_DEADLINE_S 0.
 # Wheels in .whl/ (scripts/device_wheels.sh; carry it) are installed first into /tmp/site.
 set -u -o pipefail
 out=${1:?usage: device_window.sh OUT_DIR [STEPS] [GPU_CHECK_DEADLINE_S] [QUALITY_DEADLINE_S]}
@@ -35,8 +40,15 @@ if [ -n "$steps" ] && [ "$steps" != none ]; then
 fi
 
 if ! $py -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  echo "== no CUDA here: quality samples not made"
+  echo "== no CUDA here: scheduler latency and quality samples not run"
   exit 0
+fi
+if [ "${SCHED_LATENCY_S:-0}" -gt 0 ]; then
+  timeout "$SCHED_LATENCY_S" $py benchmarks/scheduler/sleep_engine.py --model cifar10-cond --engine cudagraph:bf16 \
+    --device cuda --requests 1000 --loads 0.5,0.95,1.2 --out "$out/scheduler-latency.json" \
+    > "$out/scheduler-latency.log" 2>&1
+  echo "== scheduler latency rc=$? after $(($(date +%s) - start)) s"
+  tail -8 "$out/scheduler-latency.log"
 fi
 quality_end=$(($(date +%s) + quality_deadline))
 # group name | run.py arguments

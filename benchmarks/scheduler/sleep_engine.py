@@ -1,6 +1,16 @@
-"""The service's own batchers in front of an engine that *waits* the cost model's time (no HTTP, no model).
+"""The service's own batchers in front of an engine that *waits* the cost model's time (no HTTP, no model),
+or in front of a real engine (``--model``).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scheduler/sleep_engine.py --out benchmarks/scheduler/sleep-engine.json
+    # on a GPU: open-loop latency of cascade, staged and staged with overlap (held, always beside)
+    python benchmarks/scheduler/sleep_engine.py --model cifar10-cond --engine cudagraph:bf16 --device cuda \
+        --requests 1000 --loads 0.5,0.95,1.2 --out scheduler-latency.json
+
+With ``--model`` (a built-in config name, random weights, or a checkpoint) the engine is real
+(``lowdiff.engines.load_engine``, each stage's cudagraph buckets up to its staged limit, as the service
+captures them); offered load is then a fraction of the whole-cascade batcher's saturated throughput as
+measured first on a burst of ``--burst`` single images, and the overlapped rows are always run (their
+contention is the machine's own).
 
 Why: the simulator (run.py) models the schedulers; this runs the real ones — ``service/batcher.py``'s
 ``Batcher`` and ``service/staged.py``'s ``StagedBatcher``, their event loop, engine thread, fill delay and
@@ -87,6 +97,19 @@ class SleepEngine:
         return torch.zeros(x.shape[0], 1, 2, 2, dtype=torch.float64)
 
 
+async def burst_throughput(make: Callable[[], Batcher], images: int) -> float:
+    """Images per second of ``images`` single-image requests submitted at once (a saturated batcher)."""
+    batcher = make()
+    batcher.start()
+    start = time.monotonic()
+    tickets = [batcher.submit([k], [0], deadline=start + 3600) for k in range(images)]
+    for ticket in tickets:
+        await ticket.future
+    span = time.monotonic() - start
+    await batcher.close()
+    return images / span
+
+
 async def run_one(make: Callable[[], Batcher], arrivals: list[float]) -> dict[str, float]:
     batcher = make()
     batcher.start()
@@ -118,6 +141,19 @@ async def run_one(make: Callable[[], Batcher], arrivals: list[float]) -> dict[st
     }
 
 
+def real_engine(model_spec: str, engine_spec: str, device: str) -> tuple[Any, tuple[int, ...]]:
+    """A real engine for ``--model``, warmed up, with cudagraph buckets up to each stage's staged limit."""
+    from lowdiff.engines import load_engine
+    from lowdiff.model import load_model
+
+    model = load_model(model_spec) if Path(model_spec).exists() else load_model(config=model_spec)
+    kind, _, precision = engine_spec.partition(":")
+    resolutions = tuple(model.config.resolutions)
+    limits = default_stage_limits(resolutions, 64)
+    engine = load_engine(model, kind, device, precision or "fp32", stage_limits=limits, warmup=True)
+    return engine, resolutions
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "sleep-engine.json")
@@ -131,24 +167,38 @@ def main() -> None:
         help="also run --stage-overlap on, held (default --overlap-backlog) and always beside (0), with the two "
         "lanes' calls slowed to 1/s of their speed while both run (the H200 run implies s ≈ 1.7)",
     )
+    parser.add_argument("--model", default=None, help="a real engine: built-in config (random weights) or checkpoint")
+    parser.add_argument("--engine", default="torch:fp32", help="with --model: KIND[:PRECISION]")
+    parser.add_argument("--device", default="cpu", help="with --model")
+    parser.add_argument("--burst", type=int, default=256, help="with --model: images of the capacity burst")
     args = parser.parse_args()
-    cascade = Cascade(RESOLUTIONS, NFE, LinearCost.through(H100_FLOOR, 64, H100_AT_64))
-    capacity = cascade.capacity(64)
-    engine = SleepEngine(cascade, args.overlap_slowdown or 1.0)
-    limits = default_stage_limits(RESOLUTIONS, 64)
+    resolutions: tuple[int, ...] = RESOLUTIONS
+    engine: Any
+    if args.model is None:
+        cascade = Cascade(RESOLUTIONS, NFE, LinearCost.through(H100_FLOOR, 64, H100_AT_64))
+        capacity = cascade.capacity(64)
+        engine = SleepEngine(cascade, args.overlap_slowdown or 1.0)
+        cost = "cifar10-cond H100 linear model of run.py (floors assumed)"
+    else:
+        engine, resolutions = real_engine(args.model, args.engine, args.device)
+        cost = f"{args.model}, engine {args.engine} on {args.device} (real)"
+    limits = default_stage_limits(resolutions, 64)
 
     def staged(overlap: bool = False, backlog: int | None = None) -> StagedBatcher:
         executor = ThreadPoolExecutor(1)
         return StagedBatcher(
-            engine, executor, ServiceMetrics(), RESOLUTIONS, limits, 0.01, 100_000, overlap=overlap,
-            overlap_backlog=backlog,
+            engine, executor, ServiceMetrics(), resolutions, limits, 0.01, 100_000, overlap=overlap,
+            overlap_backlog=backlog, device=args.device,
         )  # fmt: skip
 
     makers: dict[str, Callable[[], Batcher]] = {
         "cascade": lambda: Batcher(engine, ThreadPoolExecutor(1), ServiceMetrics(), 64, 0.01, 100_000),
         "staged": staged,
     }
-    if args.overlap_slowdown is not None:
+    if args.model is not None:
+        capacity = asyncio.run(burst_throughput(makers["cascade"], args.burst))
+        print(f"cascade batcher, burst of {args.burst}: {capacity:.1f} images/s", file=sys.stderr, flush=True)
+    if args.overlap_slowdown is not None or args.model is not None:
         makers["staged+overlap (held)"] = lambda: staged(True)
         makers["staged+overlap (always)"] = lambda: staged(True, 0)
     rows: list[dict[str, Any]] = []
@@ -176,7 +226,7 @@ def main() -> None:
         )
     out = {
         "command": " ".join(["python", "benchmarks/scheduler/sleep_engine.py", *sys.argv[1:]]),
-        "cost": "cifar10-cond H100 linear model of run.py (floors assumed)",
+        "cost": cost,
         "overlap_slowdown": args.overlap_slowdown,
         "capacity_images_per_s": capacity,
         "limits": limits,
