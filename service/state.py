@@ -128,14 +128,18 @@ class Service:
         assert self.engine_info is not None
         resolutions = self.engine_info.resolutions
         if s.scheduler == "cascade":
-            if s.max_batch_per_stage is not None:
-                log.warning("--max-batch-per-stage is ignored: it applies to --scheduler staged only")
+            staged_only = {"--max-batch-per-stage": s.max_batch_per_stage, "--overlap-backlog": s.overlap_backlog}
+            for flag, value in staged_only.items():
+                if value is not None:
+                    log.warning("%s is ignored: it applies to --scheduler staged only", flag)
             delay = s.max_delay_ms / 1000
             return Batcher(engine, self.executor, self.metrics, s.max_batch, delay, s.max_queue, resolutions)
         limits = self._stage_limits(resolutions)
         if not all(hasattr(engine, name) for name in STAGE_API):
             raise SettingsError("--scheduler: this engine cannot run one stage at a time; use cascade", "scheduler")
         overlap = self._stage_overlap()
+        if not overlap and s.overlap_backlog is not None:
+            log.warning("--overlap-backlog is ignored: it applies with --stage-overlap on (or auto, on a GPU)")
         log.info(
             "staged scheduler",
             extra={
