@@ -29,3 +29,16 @@ def test_real_engine_rows_for_every_scheduler(tmp_path: Path, tiny_fast_model) -
     assert [r["scheduler"] for r in rows] == names
     assert all(r["load"] == 0.5 and 0 < r["p50_s"] <= r["p99_s"] and r["images_per_s"] > 0 for r in rows)
     assert "| 50% | staged+overlap (held) |" in proc.stdout
+
+
+def test_the_sweeps_fashion32_schedule_is_the_embedded_checkpoints() -> None:
+    """benchmarks/scheduler/run.py simulates fashion32 with its served schedule's evaluations per stage."""
+    import importlib.util
+
+    from lowdiff.model import load_model
+
+    spec = importlib.util.spec_from_file_location("scheduler_run", SCRIPT.parent / "run.py")
+    assert spec is not None and spec.loader is not None
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    assert run.FASHION32_NFE == tuple(load_model().config.schedule.nfe)
