@@ -99,3 +99,29 @@ def test_locust_sweep_levels_against_live_server(
         assert 0.5 * row["server_images_per_s"] <= row["images_per_s"] <= 2 * row["server_images_per_s"], row
     assert rows[-1]["mean_batch_size"] > 1  # several users' single-image requests shared batches
     assert (tmp_path / "locust_levels.csv").is_file() and (tmp_path / "locust.log").is_file()
+
+
+def test_locust_stream_users_read_previews_before_images(
+    tmp_path: Path, tiny_fast_model: Any, live_server: Any
+) -> None:
+    """loadtests/locust_stream.py against the default (cascade) scheduler on a real tiny model: every stream
+    passes its checks (previews at each hand-off before each image, seeds, PNG sizes, done last), and the
+    first preview's time is reported apart from the first image's and comes first."""
+    settings = ServeSettings(max_batch=4, timeout_s=120)
+    with live_server(create_app(settings, model=tiny_fast_model())) as srv:
+        srv.wait_ready(120)
+        locust = subprocess.run(
+            [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locust_stream.py"), "--headless",
+             "-u", "2", "-r", "2", "-t", "6s", "--stop-timeout", "60", "--host", srv.url, "--only-summary",
+             "--csv", str(tmp_path / "stream")],
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+    assert locust.returncode == 0, locust.stdout[-3000:] + locust.stderr[-3000:]
+    with open(tmp_path / "stream_stats.csv") as f:
+        rows = {row["Name"]: row for row in csv.DictReader(f)}
+    assert int(rows["Aggregated"]["Failure Count"]) == 0, rows
+    assert int(rows["/generate/stream"]["Request Count"]) >= 2
+    preview, image = rows["time to first preview"], rows["time to first image"]
+    assert int(preview["Request Count"]) >= 2 and int(image["Request Count"]) >= 2
+    assert float(preview["Median Response Time"]) <= float(image["Median Response Time"])
+    assert int(rows["whole stream"]["Request Count"]) >= 2
