@@ -45,7 +45,8 @@ class GenerateUser(FastHttpUser):
         self.auth = {"Authorization": f"Bearer {key}"} if key else {}
         info = self.client.get("/v1/models", name="/v1/models", headers=self.auth).json()
         self.num_classes = int(info.get("num_classes") or 0) if info.get("conditional", True) else 0
-        self.resolution = int(info["resolutions"][-1])
+        # A latent model's stages are latent resolutions; its images have image_resolution.
+        self.resolution = int(info.get("image_resolution") or info["resolutions"][-1])
         self.max_images = int(os.environ.get("LOWDIFF_LOCUST_MAX_IMAGES", "4"))
 
     def _body(self, num_images: int) -> dict[str, int]:

@@ -127,8 +127,8 @@ class ServiceMetrics:
         )
         self.stage_overlap_held = Counter(
             "lowdiff_stage_overlap_held_total",
-            "Stage-level scheduler with --stage-overlap: times the lower lane waited for the last lane instead "
-            "of running beside it, because fewer than --overlap-backlog images waited unstarted.",
+            "Stage-level scheduler with --stage-overlap: times the lower lane began to wait for the last lane "
+            "instead of running beside it, because fewer than --overlap-backlog images waited unstarted.",
             registry=r,
         )
         self.first_preview = Histogram(

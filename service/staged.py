@@ -138,6 +138,7 @@ class StagedBatcher(Batcher):
             self._lanes = [Lane("all", executor, 0, last)]
         self.ahead_limit = self.limits[0] + 2 * self.limits[last]
         self.overlap_backlog = 2 * self.limits[last] if overlap_backlog is None else int(overlap_backlog)
+        self._holding = False  # the lower lane is waiting in _held (for the metric)
         self._last_wakeup = asyncio.Event()  # images reached the last stage's queue (overlap)
         self._room = asyncio.Event()  # the last lane took images, or some went away (overlap)
         self._both_busy_since: float | None = None
@@ -167,6 +168,7 @@ class StagedBatcher(Batcher):
     def cancel(self, ticket: Ticket, reason: str) -> int:
         dropped = super().cancel(ticket, reason)
         self._room.set()  # its started images no longer count as ahead
+        self._wakeup.set()  # nor as waiting for the last lane, which the lower lane may be holding for
         return dropped
 
     def start(self) -> None:
@@ -207,6 +209,9 @@ class StagedBatcher(Batcher):
             batch = self._take_started(last, self.limits[last])
             self._room.set()
             if not batch:
+                # The images that were waiting for it may all have gone away (deadline, disconnect) without
+                # a call: the lower lane, holding for them (_held), must look again.
+                self._wakeup.set()
                 self._last_wakeup.clear()
                 await self._last_wakeup.wait()
                 continue
@@ -234,10 +239,13 @@ class StagedBatcher(Batcher):
     async def _next_stage_batch(self, lane: Lane) -> tuple[int, list[ImageJob]]:
         while True:
             if self._held():
-                self.metrics.stage_overlap_held.inc()
+                if not self._holding:  # counted once per hold, not per look while held
+                    self._holding = True
+                    self.metrics.stage_overlap_held.inc()
                 self._wakeup.clear()
-                await self._wakeup.wait()  # set by arrivals and by the last lane going idle
+                await self._wakeup.wait()  # set by arrivals, cancellations and the last lane going idle
                 continue
+            self._holding = False
             for k in range(lane.last_stage, 0, -1):
                 batch = self._take_started(k, self.take_limit(k))
                 if batch:

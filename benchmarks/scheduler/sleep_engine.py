@@ -97,12 +97,12 @@ class SleepEngine:
         return torch.zeros(x.shape[0], 1, 2, 2, dtype=torch.float64)
 
 
-async def burst_throughput(make: Callable[[], Batcher], images: int) -> float:
+async def burst_throughput(make: Callable[[], Batcher], images: int, label: int | None = 0) -> float:
     """Images per second of ``images`` single-image requests submitted at once (a saturated batcher)."""
     batcher = make()
     batcher.start()
     start = time.monotonic()
-    tickets = [batcher.submit([k], [0], deadline=start + 3600) for k in range(images)]
+    tickets = [batcher.submit([k], [label], deadline=start + 3600) for k in range(images)]
     for ticket in tickets:
         await ticket.future
     span = time.monotonic() - start
@@ -110,7 +110,7 @@ async def burst_throughput(make: Callable[[], Batcher], images: int) -> float:
     return images / span
 
 
-async def run_one(make: Callable[[], Batcher], arrivals: list[float]) -> dict[str, float]:
+async def run_one(make: Callable[[], Batcher], arrivals: list[float], label: int | None = 0) -> dict[str, float]:
     batcher = make()
     batcher.start()
     latencies: list[float] = []
@@ -128,7 +128,7 @@ async def run_one(make: Callable[[], Batcher], arrivals: list[float]) -> dict[st
     for k, at in enumerate(arrivals):
         await asyncio.sleep(max(0.0, start + at - time.monotonic()))
         submitted = time.monotonic()
-        ticket = batcher.submit([k], [0], deadline=submitted + 3600)
+        ticket = batcher.submit([k], [label], deadline=submitted + 3600)
         ticket.future.add_done_callback(lambda f, t0=submitted: finished(t0, f))
     await done.wait()
     span = time.monotonic() - start
@@ -178,9 +178,11 @@ def main() -> None:
         cascade = Cascade(RESOLUTIONS, NFE, LinearCost.through(H100_FLOOR, 64, H100_AT_64))
         capacity = cascade.capacity(64)
         engine = SleepEngine(cascade, args.overlap_slowdown or 1.0)
+        label: int | None = 0
         cost = "cifar10-cond H100 linear model of run.py (floors assumed)"
     else:
         engine, resolutions = real_engine(args.model, args.engine, args.device)
+        label = 0 if engine.info().conditional else None
         cost = f"{args.model}, engine {args.engine} on {args.device} (real)"
     limits = default_stage_limits(resolutions, 64)
 
@@ -196,7 +198,7 @@ def main() -> None:
         "staged": staged,
     }
     if args.model is not None:
-        capacity = asyncio.run(burst_throughput(makers["cascade"], args.burst))
+        capacity = asyncio.run(burst_throughput(makers["cascade"], args.burst, label))
         print(f"cascade batcher, burst of {args.burst}: {capacity:.1f} images/s", file=sys.stderr, flush=True)
     if args.overlap_slowdown is not None or args.model is not None:
         makers["staged+overlap (held)"] = lambda: staged(True)
@@ -209,7 +211,7 @@ def main() -> None:
             t += rng.expovariate(load * capacity)
             arrivals.append(t)
         for name, make in makers.items():
-            stats = asyncio.run(run_one(make, arrivals))
+            stats = asyncio.run(run_one(make, arrivals, label))
             rows.append({"load": load, "scheduler": name, **stats})
             print(f"{load:.0%} {name}: {stats}", file=sys.stderr, flush=True)
     print("| load | scheduler | p50 (s) | p99 (s) | images/s | p50 × | p99 × | images/s × |")

@@ -305,7 +305,7 @@ class OverlapStagedScheduler(StagedScheduler):
         gated = "" if gate is None else f" gate {gate}"
         self.name = f"staged overlap s={slowdown:g}{gated} {policy} ({limit_text})"
         self.slowdown = slowdown
-        self.gate = gate
+        self.gate = gate or None  # 0: never held, as --overlap-backlog 0
         self.last_running = False
         self.ahead_limit = self.limits[0] + 2 * self.limits[-1]
 

@@ -145,6 +145,31 @@ def test_without_a_backlog_the_lower_lane_waits_for_the_last(backlog, metric_val
         assert held == 0
 
 
+def test_the_held_lower_lane_wakes_when_the_images_it_waits_for_go_away() -> None:
+    """The lower lane holds while an image waits for the last lane; that image passes its deadline there and
+    is dropped without a last-stage call: the lower lane must look again and serve the next request (it
+    once slept until another request arrived)."""
+    engine = SleepEngine(0.1)
+    metrics = ServiceMetrics()
+
+    async def scenario():
+        batcher = staged(engine, metrics, True)
+        batcher.start()
+        now = time.monotonic()
+        late = batcher.submit([1], [0], deadline=now + 0.15)  # past its deadline before its last stage
+        await asyncio.sleep(0.05)
+        later = batcher.submit([2], [0], deadline=now + 60)
+        try:
+            await asyncio.wait_for(asyncio.shield(later.future), 10)
+        finally:
+            await batcher.close()
+        return late
+
+    late = asyncio.run(scenario())
+    assert late.cancelled == "deadline"
+    assert [c[0] for c in engine.calls].count(2) == 1  # only the second request's last stage ran
+
+
 def test_pixels_are_those_of_overlap_off_and_of_the_cascade_alone(tiny_fast_model) -> None:
     engine = load_engine(tiny_fast_model(), "torch")
     seeds, labels = [10, 11, 12, 13, 14, 15, 16], [0, 1, 2, 3, 4, 5, 6]
