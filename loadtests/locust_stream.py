@@ -15,29 +15,15 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import random
 import time
 from typing import Any
 
-from locust import FastHttpUser, constant, task
-from locustfile import MAX_SEED, png_size
+from locust import task
+from locustfile import ModelUser, png_size
 
 
-class StreamUser(FastHttpUser):
-    wait_time = constant(0)
-    network_timeout = 600.0
-
-    def on_start(self) -> None:
-        key = os.environ.get("LOWDIFF_API_KEY")
-        self.auth = {"Authorization": f"Bearer {key}"} if key else {}
-        info = self.client.get("/v1/models", name="/v1/models", headers=self.auth).json()
-        self.num_classes = int(info.get("num_classes") or 0) if info.get("conditional", True) else 0
-        self.resolutions = [int(r) for r in info["resolutions"]]
-        # A latent model's stages are latent resolutions; its images have image_resolution.
-        self.image_size = int(info.get("image_resolution") or self.resolutions[-1])
-        self.max_images = int(os.environ.get("LOWDIFF_LOCUST_MAX_IMAGES", "4"))
-
+class StreamUser(ModelUser):
     def _timing(self, name: str, seconds: float) -> None:
         self.environment.events.request.fire(
             request_type="SSE", name=name, response_time=seconds * 1000, response_length=0, exception=None,
@@ -47,9 +33,7 @@ class StreamUser(FastHttpUser):
     @task
     def stream(self) -> None:
         count = random.randint(1, max(1, self.max_images))
-        body: dict[str, Any] = {"seed": random.randint(0, MAX_SEED - count + 1), "num_images": count}
-        if self.num_classes:
-            body["class_label"] = random.randrange(self.num_classes)
+        body = self._body(count)
         headers = {**self.auth, "Accept": "text/event-stream"}
         sent = time.perf_counter()
         with self.client.post(
@@ -98,8 +82,8 @@ class StreamUser(FastHttpUser):
     def _check(self, events: list[tuple[str, dict]], body: dict[str, Any], count: int) -> str | None:
         if not events or events[-1][0] != "done":
             return f"the stream ended with {events[-1][0] if events else 'nothing'}, not done"
-        size = (self.image_size, self.image_size)
-        hand_offs = self.resolutions[:-1]
+        size = (self.resolution, self.resolution)
+        hand_offs = self.stage_resolutions[:-1]
         for index in range(count):
             mine = [(kind, data) for kind, data in events if data.get("index") == index]
             kinds = [kind for kind, _ in mine]

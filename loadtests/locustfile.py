@@ -36,7 +36,11 @@ def png_size(data: bytes) -> tuple[int, int]:
         return image.size
 
 
-class GenerateUser(FastHttpUser):
+class ModelUser(FastHttpUser):
+    """What the users here share (``locust_stream.py`` too): the model's description from /v1/models, the
+    API key, request bodies with random seeds and class labels. Abstract: Locust never spawns it."""
+
+    abstract = True
     wait_time = constant(0)  # closed loop: a user sends its next request when the last one is answered
     network_timeout = 600.0  # a loaded CPU server may take minutes; the server's own deadline decides
 
@@ -45,8 +49,9 @@ class GenerateUser(FastHttpUser):
         self.auth = {"Authorization": f"Bearer {key}"} if key else {}
         info = self.client.get("/v1/models", name="/v1/models", headers=self.auth).json()
         self.num_classes = int(info.get("num_classes") or 0) if info.get("conditional", True) else 0
+        self.stage_resolutions = [int(r) for r in info["resolutions"]]
         # A latent model's stages are latent resolutions; its images have image_resolution.
-        self.resolution = int(info.get("image_resolution") or info["resolutions"][-1])
+        self.resolution = int(info.get("image_resolution") or self.stage_resolutions[-1])
         self.max_images = int(os.environ.get("LOWDIFF_LOCUST_MAX_IMAGES", "4"))
 
     def _body(self, num_images: int) -> dict[str, int]:
@@ -54,6 +59,10 @@ class GenerateUser(FastHttpUser):
         if self.num_classes:
             body["class_label"] = random.randrange(self.num_classes)
         return body
+
+
+class GenerateUser(ModelUser):
+    """POST /generate: single images as PNG bodies, small batches as JSON."""
 
     @tag("single")
     @task(3)

@@ -339,9 +339,14 @@ class Batcher:
         self.metrics.batch_duration.labels(batch_size_bucket(len(batch))).observe(elapsed)
         self.metrics.record_images(len(done))
         log.debug("batch of %d images in %.3f s", len(batch), elapsed)
-        for job, image in zip(done, images):
+        for job in done:
             job.ticket.last_end = end
-            if job.ticket.cancelled is None and not job.ticket.future.done():
+        self._deliver(done, images)
+
+    def _deliver(self, jobs: list[ImageJob], images: torch.Tensor) -> None:
+        """Hand finished images to their requests, those still waiting for them."""
+        for job, image in zip(jobs, images):
+            if self._alive(job.ticket):
                 self._deliver_image(job, image)
 
     @staticmethod
@@ -400,6 +405,8 @@ class Batcher:
         for job in batch:
             job.noise[k] = None  # type: ignore[index]
         if k == len(self.resolutions) - 1:
+            for job in batch:
+                job.noise = job.condition = None  # the hand-off state is spent
             return to_uint8(x), {}
         wanted = [i for i, job in enumerate(batch) if job.ticket.previews and self._alive(job.ticket)]
         previews: dict[int, dict[str, Any]] = {}
@@ -434,14 +441,9 @@ class Batcher:
             alive = [job for job in batch if self._alive(job.ticket)]
             if len(alive) < len(batch):
                 self.metrics.stage_images_abandoned.labels(str(self.resolutions[k + 1])).inc(len(batch) - len(alive))
-                for job in batch:
-                    if job not in alive:
-                        job.noise = job.condition = None
                 batch = alive
                 if not batch:
                     return [], torch.empty(0, dtype=torch.uint8)
-        for job in batch:
-            job.noise = job.condition = None
         return batch, out
 
     def _fail(self, ticket: Ticket, failure: EngineFailure) -> None:

@@ -110,7 +110,6 @@ class StagedBatcher(Batcher):
         (default ``2 · limits[last]``; 0: never hold) is how many unstarted images make the lower lane run
         beside a busy last lane (:meth:`_held`)."""
         super().__init__(engine, executor, metrics, limits[resolutions[-1]], max_delay_s, max_queue, resolutions)
-        self.stage_engine: StageEngine = engine
         self.limits = [int(limits[r]) for r in self.resolutions]
         last = len(self.resolutions) - 1
         if overlap and last < 1:
@@ -396,9 +395,3 @@ class StagedBatcher(Batcher):
         if any(not self._alive(job.ticket) or job.ticket.deadline <= now for job in batch):
             return False
         return len(batch) <= self.take_limit(k, len(batch))
-
-    def _deliver(self, batch: list[ImageJob], images: torch.Tensor) -> None:
-        for job, image in zip(batch, images):
-            job.noise = job.condition = None
-            if self._alive(job.ticket):
-                self._deliver_image(job, image)

@@ -141,17 +141,17 @@ async def run_one(make: Callable[[], Batcher], arrivals: list[float], label: int
     }
 
 
-def real_engine(model_spec: str, engine_spec: str, device: str) -> tuple[Any, tuple[int, ...]]:
-    """A real engine for ``--model``, warmed up, with cudagraph buckets up to each stage's staged limit."""
+def real_engine(model_spec: str, engine_spec: str, device: str) -> tuple[Any, dict[int, int]]:
+    """A real engine for ``--model``, warmed up, and the staged limits that size its cudagraph buckets
+    (as the service captures them)."""
     from lowdiff.engines import load_engine
     from lowdiff.model import load_model
 
     model = load_model(model_spec) if Path(model_spec).exists() else load_model(config=model_spec)
     kind, _, precision = engine_spec.partition(":")
-    resolutions = tuple(model.config.resolutions)
-    limits = default_stage_limits(resolutions, 64)
+    limits = default_stage_limits(model.config.resolutions, 64)
     engine = load_engine(model, kind, device, precision or "fp32", stage_limits=limits, warmup=True)
-    return engine, resolutions
+    return engine, limits
 
 
 def main() -> None:
@@ -172,7 +172,6 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="with --model")
     parser.add_argument("--burst", type=int, default=256, help="with --model: images of the capacity burst")
     args = parser.parse_args()
-    resolutions: tuple[int, ...] = RESOLUTIONS
     engine: Any
     if args.model is None:
         cascade = Cascade(RESOLUTIONS, NFE, LinearCost.through(H100_FLOOR, 64, H100_AT_64))
@@ -180,11 +179,12 @@ def main() -> None:
         engine = SleepEngine(cascade, args.overlap_slowdown or 1.0)
         label: int | None = 0
         cost = "cifar10-cond H100 linear model of run.py (floors assumed)"
+        limits = default_stage_limits(RESOLUTIONS, 64)
     else:
-        engine, resolutions = real_engine(args.model, args.engine, args.device)
+        engine, limits = real_engine(args.model, args.engine, args.device)
         label = 0 if engine.info().conditional else None
         cost = f"{args.model}, engine {args.engine} on {args.device} (real)"
-    limits = default_stage_limits(resolutions, 64)
+    resolutions = tuple(limits)
 
     def staged(overlap: bool = False, backlog: int | None = None) -> StagedBatcher:
         executor = ThreadPoolExecutor(1)
